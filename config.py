@@ -1,0 +1,100 @@
+"""All settings of the server, read from the environment and `.env` (one pydantic-settings class).
+
+Every key here is listed with a comment in `.env.template`. Names kept from the Omi seed where they exist
+(`DATABASE_CHOICE`, `POSTGRES_URL`, `DEEPGRAM_API_KEY`, `HUGGINGFACE_TOKEN`, `ADMIN_KEY`, `HTTP_GET_TIMEOUT`).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
+
+    # --- storage (issue 4 builds the backends; the choice and paths live here already) ---
+    database_choice: Literal["sqlite", "postgres", "firestore"] = "sqlite"
+    data_dir: Path = Path("data")
+    sqlite_path: Path | None = None  # default: DATA_DIR/omi.sqlite3
+    postgres_url: SecretStr | None = None
+
+    # --- auth ---
+    admin_key: SecretStr | None = None
+    firebase_credentials: Path | None = None  # service-account JSON; enables Firebase ID token verification
+    firebase_project_id: str | None = None  # alternative to a credentials file (uses application default creds)
+
+    # --- models ---
+    model_device: Literal["auto", "cpu", "cuda"] = "auto"
+    huggingface_token: SecretStr | None = None
+    vad_backend: Literal["silero", "pyannote"] = "silero"
+    pyannote_segmentation: str = "pyannote/segmentation-3.0"  # Hugging Face id or local checkpoint path
+
+    # --- streaming VAD (defaults tuned on the AMI excerpts, see README "Voice activity detection") ---
+    vad_onset: float = 0.4
+    vad_offset: float = 0.3
+    vad_pre_roll_ms: int = 200
+    vad_hangover_ms: int = 400
+    vad_min_speech_ms: int = 100
+    vad_max_speech_s: float = 30.0
+    vad_normalize: bool = False
+
+    # --- speech to text ---
+    stt_backend: Literal["deepgram", "local"] | None = None  # None: deepgram when a key is set, else local
+    deepgram_api_key: SecretStr | None = None
+    deepgram_url: str = "https://api.deepgram.com"
+    deepgram_model: str = "nova-3"
+    deepgram_keepalive_s: float = 5.0
+
+    # --- connections and uploads ---
+    max_upload_mb: float = 100.0
+    max_upload_seconds: float = 4 * 3600.0
+    idle_timeout_s: float = 30.0
+    heartbeat_s: float = 10.0
+    max_frame_bytes: int = 64 * 1024
+    max_streams: int = 200
+
+    # --- misc from the seed ---
+    http_get_timeout: float = 30.0
+    log_level: str = "INFO"
+
+    @model_validator(mode="after")
+    def _derive(self) -> Settings:
+        if self.sqlite_path is None:
+            self.sqlite_path = self.data_dir / "omi.sqlite3"
+        if self.stt_backend is None:
+            self.stt_backend = "deepgram" if self.deepgram_api_key else "local"
+        if self.vad_offset > self.vad_onset:
+            raise ValueError("VAD_OFFSET must not exceed VAD_ONSET (hysteresis)")
+        return self
+
+    @property
+    def deepgram_ws_url(self) -> str:
+        """The live WebSocket base derived from DEEPGRAM_URL: http→ws, https→wss."""
+        url = self.deepgram_url.rstrip("/")
+        if url.startswith("https://"):
+            return "wss://" + url[len("https://"):]
+        if url.startswith("http://"):
+            return "ws://" + url[len("http://"):]
+        return url
+
+    @property
+    def firebase_enabled(self) -> bool:
+        return self.firebase_credentials is not None or self.firebase_project_id is not None
+
+    def resolved_device(self) -> str:
+        if self.model_device != "auto":
+            return self.model_device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()
+

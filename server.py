@@ -1,0 +1,230 @@
+"""The unified audio server: app factory, lifespan (settings, models, auth), the `/v4/listen` WebSocket, health.
+
+    uvicorn server:app --host 0.0.0.0 --port 8080
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import time
+from contextlib import asynccontextmanager
+from typing import Any
+
+os.environ.setdefault("PYANNOTE_METRICS_ENABLED", "false")  # pyannote.audio sends telemetry unless told not to
+
+import numpy as np  # noqa: E402
+from fastapi import FastAPI, WebSocket  # noqa: E402
+from fastapi.responses import JSONResponse  # noqa: E402
+from pydantic import ValidationError  # noqa: E402
+from starlette.websockets import WebSocketDisconnect, WebSocketState  # noqa: E402
+
+import batch_routes  # noqa: E402
+from auth import Authenticator, AuthError  # noqa: E402
+from config import Settings, get_settings  # noqa: E402
+from streaming.codecs import make_decoder  # noqa: E402
+from streaming.pipeline import Pipeline  # noqa: E402
+from streaming.protocol import CloseCode, ErrorEvent, ListenParams, ServiceStatusEvent  # noqa: E402
+from streaming.stt import SttError, SttFactory  # noqa: E402
+from streaming.vad import VadParams, load_vad_backend  # noqa: E402
+
+log = logging.getLogger("server")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        s = settings or get_settings()
+        logging.basicConfig(level=s.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        st = app.state
+        st.settings = s
+        st.ready = False
+        st.active_streams = 0
+        st.authenticator = Authenticator(s)
+        st.vad_params = VadParams.from_settings(s)
+        st.vad_backend = await asyncio.to_thread(load_vad_backend, s)
+        # Warm-up: the first model call pays for allocation; keep that off the first user's stream.
+        await asyncio.to_thread(st.vad_backend.speech_probs, st.vad_backend.new_state(),
+                                np.zeros(st.vad_backend.chunk_samples, np.float32))
+        st.stt_factory = await asyncio.to_thread(SttFactory, s)
+        st.ready = True
+        log.info("ready: vad=%s stt=%s device=%s", st.vad_backend.name, st.stt_factory.backend, s.model_device)
+        yield
+        st.ready = False
+
+    app = FastAPI(title="Omi unified audio server", version="0.1.0", lifespan=lifespan)
+    app.include_router(batch_routes.router)
+
+    @app.get("/health", summary="Liveness")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/ready", summary="Models loaded and accepting streams")
+    async def ready() -> JSONResponse:
+        st = app.state
+        ok = getattr(st, "ready", False) and st.active_streams < st.settings.max_streams
+        body = {
+            "ready": ok,
+            "vad": getattr(getattr(st, "vad_backend", None), "name", None),
+            "stt": getattr(getattr(st, "stt_factory", None), "backend", None),
+            "active_streams": getattr(st, "active_streams", 0),
+        }
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    app.add_api_websocket_route("/v4/listen", listen)
+    app.add_api_websocket_route("/v3/listen", listen)
+    return app
+
+
+# --- the WebSocket -----------------------------------------------------------------------------------------------
+
+
+class _Client:
+    """Sends to one WebSocket from several tasks (pipeline results, heartbeat) without interleaving frames."""
+
+    def __init__(self, websocket: WebSocket) -> None:
+        self.ws = websocket
+        self._lock = asyncio.Lock()
+        self.gone = False
+
+    async def send_json(self, payload: Any) -> None:
+        await self.send_text(json.dumps(payload, separators=(",", ":")))
+
+    async def send_text(self, text: str) -> None:
+        if self.gone:
+            return
+        async with self._lock:
+            try:
+                await self.ws.send_text(text)
+            except Exception:  # the client went away; the pipeline still finishes its work
+                self.gone = True
+
+    async def close(self, code: int, reason: str = "") -> None:
+        if self.gone or self.ws.application_state == WebSocketState.DISCONNECTED:
+            return
+        async with self._lock:
+            with contextlib.suppress(Exception):
+                await self.ws.close(code=code, reason=reason[:120])
+            self.gone = True
+
+
+async def _refuse(client: _Client, code: int, error: str, message: str) -> None:
+    await client.send_json(ErrorEvent(code=error, message=message).model_dump())
+    await client.close(code, message)
+
+
+async def listen(websocket: WebSocket) -> None:
+    """`/v4/listen`: binary frames are audio; text frames are JSON commands; results go back as JSON."""
+    st = websocket.app.state
+    s: Settings = st.settings
+    await websocket.accept()
+    client = _Client(websocket)
+    try:
+        params = ListenParams(**dict(websocket.query_params))
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        return await _refuse(client, CloseCode.POLICY, "bad_parameters", problems)
+    try:
+        uid = await st.authenticator.uid_for(websocket.headers.get("authorization"),
+                                             websocket.client.host if websocket.client else None)
+    except AuthError as exc:
+        return await _refuse(client, CloseCode.POLICY, "unauthorized", str(exc))
+    if st.active_streams >= s.max_streams:
+        return await _refuse(client, CloseCode.TRY_AGAIN_LATER, "server_full", "server full, retry in 5 s")
+
+    st.active_streams += 1
+    try:
+        await _serve_stream(client, params, uid, st, s)
+    finally:
+        st.active_streams -= 1
+
+
+async def _serve_stream(client: _Client, params: ListenParams, uid: str, st: Any, s: Settings) -> None:
+    await client.send_json(ServiceStatusEvent(status="initiating", status_text="Service starting").model_dump())
+    try:
+        decoder = make_decoder(params.codec, params.sample_rate, params.channels)
+    except ValueError as exc:
+        return await _refuse(client, CloseCode.POLICY, "bad_parameters", str(exc))
+    pipeline = Pipeline(
+        decoder=decoder,
+        vad_backend=st.vad_backend,
+        vad_params=st.vad_params,
+        stt_factory=st.stt_factory,
+        language=params.language,
+        emit=client.send_json,
+        keepalive_s=s.deepgram_keepalive_s,
+    )
+    await client.send_json(ServiceStatusEvent(status="stt_initiating", status_text="STT starting").model_dump())
+    try:
+        await pipeline.start()
+    except SttError as exc:
+        log.error("stream for %s: %s", uid, exc)
+        return await _refuse(client, CloseCode.SERVER_ERROR, "stt_unavailable", str(exc))
+    await client.send_json(ServiceStatusEvent(status="ready").model_dump())
+    log.info("stream open uid=%s codec=%s rate=%d", uid, params.codec, params.sample_rate)
+
+    heartbeat = asyncio.create_task(_heartbeat(client, s.heartbeat_s))
+    close_code = CloseCode.NORMAL
+    try:
+        close_code = await _receive_loop(client, pipeline, s)
+    finally:
+        heartbeat.cancel()
+        await pipeline.finish()
+        log.info("stream closed uid=%s frames=%d bad=%d sent=%.1fs of %.1fs", uid, pipeline.stats.frames,
+                 pipeline.stats.bad_frames, pipeline.stats.sent_samples / 16000, pipeline.stats.stream_samples / 16000)
+        await client.close(close_code)
+
+
+async def _receive_loop(client: _Client, pipeline: Pipeline, s: Settings) -> int:
+    """Returns the close code to end with. Idle means no audio for IDLE_TIMEOUT_S (text frames don't count)."""
+    last_audio = time.monotonic()
+    while True:
+        remaining = s.idle_timeout_s - (time.monotonic() - last_audio)
+        try:
+            message = await asyncio.wait_for(client.ws.receive(), timeout=max(remaining, 0.01))
+        except TimeoutError:
+            await client.send_json(ErrorEvent(code="idle", message="no audio received, closing").model_dump())
+            return CloseCode.GOING_AWAY
+        except WebSocketDisconnect:
+            client.gone = True
+            return CloseCode.NORMAL
+        if message["type"] == "websocket.disconnect":
+            client.gone = True
+            return CloseCode.NORMAL
+        if message.get("bytes") is not None:
+            frame = message["bytes"]
+            last_audio = time.monotonic()
+            if len(frame) > s.max_frame_bytes:
+                pipeline.stats.bad_frames += 1
+                await client.send_json(ErrorEvent(
+                    code="frame_too_large", message=f"frame of {len(frame)} bytes over {s.max_frame_bytes}"
+                ).model_dump())
+                continue
+            await pipeline.feed(frame)
+        elif message.get("text") is not None:
+            await _command(client, message["text"])
+
+
+async def _command(client: _Client, text: str) -> None:
+    """JSON commands from the client. Unknown or malformed text is ignored with a logged warning (Omi's rule)."""
+    try:
+        command = json.loads(text)
+        kind = command.get("type") if isinstance(command, dict) else None
+    except ValueError:
+        kind = None
+    if kind == "speaker_assigned":
+        log.info("speaker_assigned received; speaker tagging is not built yet")  # issue 3
+    else:
+        log.warning("ignoring text frame of %d chars (type=%r)", len(text), kind)
+
+
+async def _heartbeat(client: _Client, every_s: float) -> None:
+    while not client.gone:
+        await asyncio.sleep(every_s)
+        await client.send_text("ping")
+
+
+app = create_app()

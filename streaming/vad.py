@@ -1,0 +1,473 @@
+"""Voice activity detection: backends behind one interface, and `StreamingVAD`, the per-connection state machine.
+
+Backends are shared by all connections and hold no per-stream state: each stream asks its backend for a
+`new_state()` and passes it back on every call (the silero LSTM state, the pyannote context window). That is what
+keeps one stream's VAD from leaking into another's, a bug peers shipped.
+
+`StreamingVAD` turns per-frame speech probabilities into speech regions with hysteresis (enter at `onset`, leave
+after `hangover` below `offset`), pre-roll (audio before the onset is included so word onsets are not clipped) and
+hangover (the trailing silence is included so word endings are not clipped). Regions never overlap. The same class
+runs over a whole file for `/v1/vad`, so batch and streaming answers agree.
+
+Shapes: audio is float32 mono at 16 kHz, shape (samples,); probabilities are float32, shape (frames,), one per
+`backend.frame_samples` samples.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+import numpy as np
+
+from config import Settings
+
+log = logging.getLogger(__name__)
+
+SAMPLE_RATE = 16000
+
+
+class VadBackend(ABC):
+    """Frame-level speech probabilities. Thread-safe: one instance serves every stream, state is passed in."""
+
+    name: str
+    frame_samples: int  # probability resolution, samples per probability
+    chunk_samples: int  # smallest amount of new audio worth one call (a multiple of frame_samples)
+
+    @abstractmethod
+    def new_state(self) -> Any:
+        """Fresh per-stream state."""
+
+    @abstractmethod
+    def speech_probs(self, state: Any, audio: np.ndarray) -> np.ndarray:
+        """audio: (n,) with n a multiple of chunk_samples, continuing the stream `state` describes.
+        Returns (n // frame_samples,) probabilities and advances `state`."""
+
+
+@dataclass
+class _SileroState:
+    hidden: np.ndarray = field(default_factory=lambda: np.zeros((1, 1, 128), np.float32))
+    cell: np.ndarray = field(default_factory=lambda: np.zeros((1, 1, 128), np.float32))
+    context: np.ndarray = field(default_factory=lambda: np.zeros(64, np.float32))
+
+
+class SileroVad(VadBackend):
+    """Silero VAD v6 (weights ship in the `silero-vad` wheel), run through onnxruntime.
+
+    Uses the package's "sequence" export, which takes many 32 ms frames per call with the LSTM state as explicit
+    inputs: one ONNX call per chunk of audio instead of one per frame, and the state lives with the stream.
+    """
+
+    name = "silero"
+    frame_samples = 512
+    chunk_samples = 512
+    _context_samples = 64
+
+    def __init__(self, threads: int = 1) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.inter_op_num_threads = 1
+        options.intra_op_num_threads = threads
+        path = resources.files("silero_vad.data").joinpath("silero_vad_16k_sequence.onnx")
+        # onnxruntime's InferenceSession.run is thread-safe, so one session serves every stream.
+        self._session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+
+    def new_state(self) -> _SileroState:
+        return _SileroState()
+
+    def speech_probs(self, state: _SileroState, audio: np.ndarray) -> np.ndarray:
+        frames = audio.reshape(-1, self.frame_samples)
+        if not len(frames):
+            return np.zeros(0, np.float32)
+        ctx = self._context_samples
+        block = np.empty((len(frames), ctx + self.frame_samples), np.float32)
+        block[:, ctx:] = frames
+        block[0, :ctx] = state.context
+        block[1:, :ctx] = frames[:-1, -ctx:]
+        probs, state.hidden, state.cell = self._session.run(
+            ["speech_probs", "hn", "cn"], {"input": block, "h": state.hidden, "c": state.cell}
+        )
+        state.context = frames[-1, -ctx:].copy()
+        return np.asarray(probs, np.float32).reshape(-1)
+
+
+@dataclass
+class _PyannoteState:
+    window: np.ndarray  # the last `window` seconds of the stream, zeros before it started
+
+
+def _looks_like_path(source: str) -> bool:
+    """A local path that does not exist, as opposed to a Hugging Face id ("owner/name" or "owner/name@revision")."""
+    return source.startswith(("/", "./", "../", "~", ".\\")) or source.endswith((".ckpt", ".bin", ".pt", ".pth"))
+
+
+class PyannoteVad(VadBackend):
+    """A pyannote segmentation model (`pyannote/segmentation-3.0` in production) as a streaming VAD.
+
+    Every 0.5 s chunk is scored by one model call over the `window` seconds of audio ending at the chunk's end (the
+    model's training duration, 10 s for segmentation-3.0; zeros before the stream starts), and only that window's last
+    0.5 s is kept: the chunk gets up to 9.5 s of left context and none to its right, so it is final as soon as it has
+    arrived. The per-stream state is that window. All chunks of one call are stacked into batches of `max_batch`
+    windows, so a whole file in batch mode is a few forward passes.
+
+    Speech probability per frame: for a powerset model (segmentation-3.0), 1 - P(no speaker); for a multi-label
+    model, the highest speaker activation. The model's own frames (about 17 ms for segmentation-3.0) are linearly
+    interpolated onto a 10 ms grid (`frame_samples = 160`).
+
+    The model is only read (eval mode, `torch.inference_mode`), so one instance serves every stream from any thread.
+    """
+
+    name = "pyannote"
+    frame_samples = 160  # 10 ms
+    chunk_samples = 8000  # 0.5 s: one window (one batch row) per chunk
+    max_batch = 32  # windows per forward pass
+
+    def __init__(self, model: Any, device: str = "cpu") -> None:
+        import torch
+        from pyannote.audio.core.task import Problem
+
+        specs = model.specifications
+        if isinstance(specs, tuple):
+            raise ValueError("multi-task pyannote models are not supported as VAD")
+        if model.hparams.sample_rate != SAMPLE_RATE:
+            rate = model.hparams.sample_rate
+            raise ValueError(f"pyannote model expects {rate} Hz audio, the VAD runs at {SAMPLE_RATE}")
+        if specs.powerset:
+            self._powerset = True
+        elif specs.problem in (Problem.MULTI_LABEL_CLASSIFICATION, Problem.BINARY_CLASSIFICATION):
+            self._powerset = False
+        else:
+            raise ValueError(f"pyannote model solves {specs.problem.name}; need a powerset or multi-label segmentation")
+        self.window = int(round(specs.duration * SAMPLE_RATE))
+        if self.window < self.chunk_samples:
+            raise ValueError(
+                f"pyannote model window {specs.duration} s is shorter than one {self.chunk_samples}-sample chunk"
+            )
+        self.device = torch.device(device)
+        self._model = model.eval().requires_grad_(False).to(self.device)
+
+        # One dry run: checks the output and gives the number of model frames per window.
+        with torch.inference_mode():
+            scores = self._model(torch.zeros((1, 1, self.window), device=self.device))
+        num_frames = scores.shape[1]
+        try:  # frame centres in samples from the window start
+            rf = self._model.receptive_field
+            centres = (rf.start + rf.step * np.arange(num_frames) + rf.duration / 2) * SAMPLE_RATE
+        except Exception:  # a model without receptive-field arithmetic: frames evenly cover the window
+            centres = (np.arange(num_frames) + 0.5) * self.window / num_frames
+        fs = self.frame_samples
+        targets = self.window - self.chunk_samples + np.arange(self.chunk_samples // fs) * fs + fs / 2
+        pos = np.interp(targets, centres, np.arange(num_frames, dtype=np.float64))  # clamped at both ends
+        self._lo = np.floor(pos).astype(np.int64)
+        self._hi = np.minimum(self._lo + 1, num_frames - 1)
+        self._w = (pos - self._lo).astype(np.float32)
+
+    @classmethod
+    def load(cls, source: str, token: str | None = None, device: str = "cpu") -> PyannoteVad:
+        """`source`: a Hugging Face id ("pyannote/segmentation-3.0", optionally "@revision"), a checkpoint file (a
+        lightning `.ckpt` or `pytorch_model.bin`), or a directory holding `pytorch_model.bin`.
+
+        Raises ValueError for a local path that is not there, RuntimeError when loading fails (gated model without
+        a token, no network, a bad file); messages name the source, never the token.
+        """
+        import os
+        from pathlib import Path
+
+        # pyannote.audio 4 sends usage telemetry unless told not to; a server should not phone home by default.
+        os.environ.setdefault("PYANNOTE_METRICS_ENABLED", "false")
+        from pyannote.audio import Model
+
+        path = Path(source).expanduser()
+        revision = None
+        if path.is_dir():
+            if not (path / "pytorch_model.bin").is_file():
+                raise ValueError(f"pyannote segmentation directory {source!r} has no pytorch_model.bin")
+            checkpoint = str(path)
+        elif path.is_file():
+            checkpoint = str(path)
+        elif _looks_like_path(source):
+            raise ValueError(f"pyannote segmentation checkpoint {source!r} not found")
+        else:
+            checkpoint, _, rev = source.partition("@")
+            revision = rev or None
+
+        def scrub(text: str) -> str:
+            return text.replace(token, "***") if token else text
+
+        try:
+            model = Model.from_pretrained(checkpoint, revision=revision, token=token)
+        except Exception as e:
+            hint = (
+                ""
+                if path.exists()
+                else " (a gated model needs its conditions accepted on hf.co and HUGGINGFACE_TOKEN set; without"
+                " network, download it beforehand or point PYANNOTE_SEGMENTATION at a local checkpoint)"
+            )
+            msg = scrub(f"could not load pyannote segmentation model {source!r}: {type(e).__name__}: {e}{hint}")
+            raise RuntimeError(msg) from e
+        if model is None:
+            raise RuntimeError(f"could not load pyannote segmentation model {source!r}")
+        log.info("pyannote VAD: loaded %s on %s", source, device)
+        return cls(model, device=device)
+
+    def new_state(self) -> _PyannoteState:
+        return _PyannoteState(np.zeros(self.window, np.float32))
+
+    def speech_probs(self, state: _PyannoteState, audio: np.ndarray) -> np.ndarray:
+        import torch
+
+        chunk = self.chunk_samples
+        audio = np.asarray(audio, np.float32).reshape(-1)
+        if len(audio) % chunk:
+            raise ValueError(f"audio length {len(audio)} is not a multiple of {chunk}")
+        n_chunks = len(audio) // chunk
+        if not n_chunks:
+            return np.zeros(0, np.float32)
+        buf = np.concatenate((state.window, audio))
+        # windows[k] = the `window` samples ending at the end of chunk k
+        windows = np.lib.stride_tricks.sliding_window_view(buf, self.window)[chunk::chunk]
+        out = np.empty((n_chunks, chunk // self.frame_samples), np.float32)
+        with torch.inference_mode():
+            for s in range(0, n_chunks, self.max_batch):
+                batch = torch.from_numpy(np.ascontiguousarray(windows[s : s + self.max_batch]))
+                scores = self._model(batch[:, None].to(self.device))
+                if self._powerset:  # softmax also turns the model's log-softmax output back into probabilities
+                    speech = 1.0 - torch.softmax(scores.float(), dim=-1)[..., 0]
+                else:  # multi-label: activations are already sigmoids
+                    speech = scores.float().amax(dim=-1)
+                p = speech.cpu().numpy()
+                out[s : s + len(p)] = p[:, self._lo] * (1.0 - self._w) + p[:, self._hi] * self._w
+        state.window = buf[-self.window :].copy()
+        return np.clip(out.reshape(-1), 0.0, 1.0)
+
+
+# --- the streaming state machine -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VadParams:
+    onset: float = 0.3
+    offset: float = 0.2
+    pre_roll_ms: int = 200
+    hangover_ms: int = 400
+    min_speech_ms: int = 100
+    max_speech_s: float = 30.0
+    normalize: bool = True
+
+    @classmethod
+    def from_settings(cls, s: Settings) -> VadParams:
+        return cls(
+            onset=s.vad_onset,
+            offset=s.vad_offset,
+            pre_roll_ms=s.vad_pre_roll_ms,
+            hangover_ms=s.vad_hangover_ms,
+            min_speech_ms=s.vad_min_speech_ms,
+            max_speech_s=s.vad_max_speech_s,
+            normalize=s.vad_normalize,
+        )
+
+
+@dataclass(frozen=True)
+class SpeechStart:
+    sample: int  # stream sample where the region (with its pre-roll) begins
+
+
+@dataclass(frozen=True)
+class SpeechAudio:
+    start: int  # stream sample of audio[0]
+    audio: np.ndarray
+
+
+@dataclass(frozen=True)
+class SpeechEnd:
+    sample: int  # stream sample where the region (with its hangover) ends, exclusive
+
+
+VadEvent = SpeechStart | SpeechAudio | SpeechEnd
+
+
+class LevelNormalizer:
+    """Slow automatic gain for the VAD's input only (the audio sent to STT is never changed).
+
+    Far-field meeting audio (AMI) peaks around -12 dBFS with speech RMS near -38 dBFS; silero's probabilities drop
+    on such quiet input. The gain follows the loud frames (fast attack, slow release of a level estimate) and is
+    capped so that silence is never blown up into noise that looks like speech.
+    """
+
+    TARGET_RMS = 0.1  # about -20 dBFS: the level of close-talk speech silero is trained on mostly
+    MAX_GAIN = 8.0  # +18 dB; more turns room noise into false alarms on the AMI excerpts
+    FLOOR_RMS = 0.003  # below this a frame is treated as silence and does not lower the level estimate
+    RELEASE = 0.995  # per 32 ms frame: the estimate falls by half in about 4.4 s of quieter speech
+
+    def __init__(self) -> None:
+        self.level = self.TARGET_RMS
+
+    def __call__(self, frames: np.ndarray) -> np.ndarray:
+        """frames: (n_frames, frame_samples) → the same, scaled per frame."""
+        rms = np.sqrt(np.mean(frames * frames, axis=1) + 1e-12)
+        gains = np.empty(len(frames), np.float32)
+        level = self.level
+        for i, r in enumerate(rms):  # one step per 32 ms frame, not per sample
+            if r > level:
+                level = float(r)
+            elif r > self.FLOOR_RMS:
+                level = max(level * self.RELEASE, float(r))
+            gains[i] = min(self.MAX_GAIN, max(1.0, self.TARGET_RMS / level))
+        self.level = level
+        return frames * gains[:, None]
+
+
+class StreamingVAD:
+    """Per-connection VAD: feed 16 kHz float32 audio of any length, get speech events back.
+
+    Not thread-safe; owned by one `Pipeline`. Calls the backend (a model) synchronously: callers on the event loop
+    run `process` in a worker thread.
+    """
+
+    def __init__(self, backend: VadBackend, params: VadParams = VadParams()) -> None:  # noqa: B008 (frozen)
+        self.backend = backend
+        self.params = params
+        self._state = backend.new_state()
+        self._normalizer = LevelNormalizer() if params.normalize else None
+        fs = backend.frame_samples
+        self._pending = np.zeros(0, np.float32)  # audio not yet given to the backend
+        self._position = 0  # stream sample of _pending[0]
+        self._pre_roll = int(params.pre_roll_ms * SAMPLE_RATE / 1000)
+        self._hangover_frames = max(1, round(params.hangover_ms * SAMPLE_RATE / 1000 / fs))
+        self._max_region = int(params.max_speech_s * SAMPLE_RATE)
+        self._history = np.zeros(0, np.float32)  # up to _pre_roll samples of non-speech just before _position
+        self.in_speech = False
+        self._region_start = 0
+        self._silent_frames = 0
+
+    @property
+    def position(self) -> int:
+        """Stream samples consumed so far (processed or pending)."""
+        return self._position + len(self._pending)
+
+    def process(self, audio: np.ndarray) -> list[VadEvent]:
+        buf = np.concatenate((self._pending, audio.astype(np.float32, copy=False)))
+        chunk = self.backend.chunk_samples
+        usable = len(buf) - len(buf) % chunk
+        self._pending = buf[usable:]
+        if not usable:
+            return []
+        return self._run(buf[:usable])
+
+    def flush(self) -> list[VadEvent]:
+        """End of stream: classify what is pending (zero-padded) and close an open region."""
+        events: list[VadEvent] = []
+        tail = len(self._pending)
+        if tail:
+            chunk = self.backend.chunk_samples
+            padded = np.zeros(chunk * -(-tail // chunk), np.float32)
+            padded[:tail] = self._pending
+            self._pending = np.zeros(0, np.float32)
+            events = self._run(padded, valid=tail)
+        if self.in_speech:
+            events.append(SpeechEnd(self._position))
+            self.in_speech = False
+        return events
+
+    def _run(self, audio: np.ndarray, valid: int | None = None) -> list[VadEvent]:
+        fs = self.backend.frame_samples
+        model_in = self._normalizer(audio.reshape(-1, fs)).reshape(-1) if self._normalizer else audio
+        probs = self.backend.speech_probs(self._state, model_in)
+        valid = len(audio) if valid is None else valid
+        return self._decide(audio[:valid], probs)
+
+    def _decide(self, audio: np.ndarray, probs: np.ndarray) -> list[VadEvent]:
+        """The hysteresis state machine over frames; emits contiguous speech audio per call."""
+        p = self.params
+        fs = self.backend.frame_samples
+        base = self._position
+        events: list[VadEvent] = []
+        span_start: int | None = base if self.in_speech else None  # offset in `audio` of audio to emit
+
+        def close_span(end: int) -> None:
+            nonlocal span_start
+            if span_start is not None and end > span_start:
+                events.append(SpeechAudio(base + span_start, audio[span_start:end]))
+            span_start = None
+
+        for i, prob in enumerate(probs):
+            lo = i * fs
+            if lo >= len(audio):
+                break
+            hi = min(lo + fs, len(audio))
+            if not self.in_speech:
+                if prob >= p.onset:
+                    pre = self._history
+                    self._region_start = base + lo - len(pre)
+                    events.append(SpeechStart(self._region_start))
+                    if len(pre):
+                        events.append(SpeechAudio(self._region_start, pre))
+                    self._history = np.zeros(0, np.float32)
+                    self.in_speech = True
+                    self._silent_frames = 0
+                    span_start = lo
+                else:
+                    if self._pre_roll:
+                        self._history = np.concatenate((self._history, audio[lo:hi]))[-self._pre_roll :]
+                    continue
+            # in speech
+            self._silent_frames = self._silent_frames + 1 if prob < p.offset else 0
+            too_long = base + hi - self._region_start >= self._max_region
+            if self._silent_frames >= self._hangover_frames or too_long:
+                close_span(hi)
+                events.append(SpeechEnd(base + hi))
+                self.in_speech = False
+                if too_long and prob >= p.onset:  # still talking: start the next region right here
+                    self._region_start = base + hi
+                    events.append(SpeechStart(self._region_start))
+                    self.in_speech = True
+                    self._silent_frames = 0
+                    span_start = hi
+        if self.in_speech:
+            close_span(len(audio))
+        self._position = base + len(audio)
+        return events
+
+
+def detect_regions(
+    backend: VadBackend,
+    audio: np.ndarray,
+    params: VadParams = VadParams(),  # noqa: B008 (frozen dataclass)
+) -> list[tuple[int, int]]:
+    """Batch mode: speech regions of a whole signal as (start, end) sample pairs, same code as streaming.
+
+    Regions shorter than `min_speech_ms` (without their padding) are dropped here; a live stream cannot take back
+    audio it already sent, so streaming keeps them.
+    """
+    vad = StreamingVAD(backend, params)
+    events = vad.process(audio) + vad.flush()
+    regions: list[tuple[int, int]] = []
+    start = None
+    for ev in events:
+        if isinstance(ev, SpeechStart):
+            start = ev.sample
+        elif isinstance(ev, SpeechEnd) and start is not None:
+            regions.append((start, min(ev.sample, len(audio))))
+            start = None
+    pad = int((params.pre_roll_ms + params.hangover_ms) * SAMPLE_RATE / 1000)
+    min_len = int(params.min_speech_ms * SAMPLE_RATE / 1000) + pad
+    return [(s, e) for s, e in regions if e - s >= min_len]
+
+
+# --- loading ---------------------------------------------------------------------------------------------------
+
+def load_vad_backend(settings: Settings) -> VadBackend:
+    """The backend `VAD_BACKEND` names, loaded once per process (by the app lifespan)."""
+    if settings.vad_backend == "silero":
+        return SileroVad()
+    if settings.vad_backend == "pyannote":
+        return PyannoteVad.load(
+            settings.pyannote_segmentation,
+            token=settings.huggingface_token.get_secret_value() if settings.huggingface_token else None,
+            device=settings.resolved_device(),
+        )
+    raise ValueError(f"unknown VAD_BACKEND {settings.vad_backend!r}")

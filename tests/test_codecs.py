@@ -1,0 +1,447 @@
+"""Tests for streaming.codecs: PCM and Opus frame decoding, resampling to 16 kHz, bad frames, bad parameters.
+
+Uses the real speech sample in ../shared/data/sample.wav (16 kHz mono, 30 s).
+"""
+
+from __future__ import annotations
+
+import fractions
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import soundfile as sf
+from scipy import signal
+
+from streaming.codecs import (
+    SUPPORTED_CODECS,
+    TARGET_RATE,
+    DecodeError,
+    FrameDecoder,
+    StreamResampler,
+    make_decoder,
+    resample,
+)
+
+SAMPLE_WAV = Path(__file__).resolve().parents[2] / "shared" / "data" / "sample.wav"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# helpers
+
+
+@pytest.fixture(scope="module")
+def speech_i16() -> np.ndarray:
+    if not SAMPLE_WAV.exists():
+        pytest.skip(f"sample audio not found at {SAMPLE_WAV}")
+    audio, rate = sf.read(SAMPLE_WAV, dtype="int16")
+    assert rate == TARGET_RATE and audio.ndim == 1
+    return audio
+
+
+@pytest.fixture(scope="module")
+def speech(speech_i16: np.ndarray) -> np.ndarray:
+    return speech_i16.astype(np.float32) / 32768.0
+
+
+def to_i16(audio: np.ndarray) -> np.ndarray:
+    return np.clip(np.round(audio * 32768.0), -32768, 32767).astype(np.int16)
+
+
+def split(data: bytes, sizes) -> list[bytes]:
+    frames, pos = [], 0
+    for size in sizes:
+        if pos >= len(data):
+            break
+        frames.append(data[pos : pos + size])
+        pos += size
+    if pos < len(data):
+        frames.append(data[pos:])
+    return frames
+
+
+def fixed_frames(data: bytes, size: int) -> list[bytes]:
+    return [data[i : i + size] for i in range(0, len(data), size)]
+
+
+def odd_frames(data: bytes, seed: int = 0) -> list[bytes]:
+    rng = np.random.default_rng(seed)
+    sizes = 2 * rng.integers(0, 700, size=len(data) // 300 + 10) + 1  # odd sizes 1..1399
+    return split(data, sizes)
+
+
+def run_decoder(decoder: FrameDecoder, frames: list[bytes]) -> np.ndarray:
+    outs = []
+    for frame in frames:
+        out = decoder.decode(frame)
+        check_output(out)
+        outs.append(out)
+    tail = decoder.flush()
+    check_output(tail)
+    outs.append(tail)
+    return np.concatenate(outs)
+
+
+def check_output(out: np.ndarray) -> None:
+    assert isinstance(out, np.ndarray)
+    assert out.dtype == np.float32
+    assert out.ndim == 1
+    if out.size:
+        assert float(out.min()) >= -1.0 and float(out.max()) <= 1.0
+
+
+def snr_db(reference: np.ndarray, estimate: np.ndarray) -> float:
+    noise = reference - estimate
+    return 10.0 * np.log10(np.sum(reference.astype(np.float64) ** 2) / max(np.sum(noise.astype(np.float64) ** 2), 1e-20))
+
+
+def aligned_correlation(reference: np.ndarray, decoded: np.ndarray, max_lag: int = 4000) -> tuple[int, float]:
+    """Find the delay of `decoded` against `reference` by cross-correlation; return (lag, Pearson r at that lag)."""
+    xcorr = signal.correlate(decoded, reference, mode="full", method="fft")
+    lags = signal.correlation_lags(len(decoded), len(reference), mode="full")
+    window = np.abs(lags) <= max_lag
+    lag = int(lags[window][np.argmax(xcorr[window])])
+    if lag >= 0:
+        a, b = decoded[lag:], reference
+    else:
+        a, b = decoded, reference[-lag:]
+    n = min(len(a), len(b))
+    return lag, float(np.corrcoef(a[:n], b[:n])[0, 1])
+
+
+def encode_opus(audio: np.ndarray, rate: int, channels: int = 1, bitrate: int = 32000, frame_ms: int = 20):
+    """Encode mono float audio at `rate` into raw Opus packets (one per frame) with PyAV's libopus encoder."""
+    layout = "mono" if channels == 1 else "stereo"
+    enc = av.CodecContext.create("libopus", "w")
+    enc.sample_rate = rate
+    enc.layout = layout
+    enc.format = "flt"
+    enc.bit_rate = bitrate
+    enc.time_base = fractions.Fraction(1, rate)
+    enc.options = {"frame_duration": str(frame_ms)}
+    enc.open()
+    n = enc.frame_size
+    assert n == rate * frame_ms // 1000
+    packets: list[bytes] = []
+    for start in range(0, len(audio) - n + 1, n):
+        block = audio[start : start + n].astype(np.float32)
+        if channels == 2:  # left = signal, right = the signal at half level: downmix is 0.75 * signal
+            block = np.stack([block, 0.5 * block], axis=1).reshape(-1)
+        frame = av.AudioFrame.from_ndarray(block.reshape(1, -1), format="flt", layout=layout)
+        frame.sample_rate = rate
+        frame.pts = start
+        packets.extend(bytes(p) for p in enc.encode(frame))
+    packets.extend(bytes(p) for p in enc.encode(None))
+    return packets
+
+
+@pytest.fixture(scope="module")
+def opus16_packets(speech: np.ndarray) -> list[bytes]:
+    return encode_opus(speech, 16000, bitrate=32000)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# PCM
+
+
+def test_pcm16_16k_bit_exact_20ms_frames(speech_i16: np.ndarray) -> None:
+    data = speech_i16.astype("<i2").tobytes()
+    decoder = make_decoder("pcm16", 16000, 1)
+    frames = fixed_frames(data, 640)
+    outs = [decoder.decode(f) for f in frames]
+    assert all(len(o) == 320 for o in outs[:-1])  # 20 ms in, 20 ms out, no buffering at 16 kHz
+    tail = decoder.flush()
+    assert tail.size == 0
+    out = np.concatenate(outs)
+    check_output(out)
+    assert len(out) == len(speech_i16)
+    np.testing.assert_array_equal(np.round(out * 32768.0).astype(np.int16), speech_i16)
+    np.testing.assert_array_equal(out, speech_i16.astype(np.float32) / 32768.0)
+    assert decoder.decoded_frames == len(frames) and decoder.failed_frames == 0
+
+
+def test_pcm16_16k_bit_exact_odd_frames(speech_i16: np.ndarray) -> None:
+    data = speech_i16.astype("<i2").tobytes()
+    frames = odd_frames(data, seed=1)
+    assert sum(len(f) for f in frames) == len(data)
+    assert sum(len(f) % 2 for f in frames) > len(frames) // 2  # most frames really split a sample
+    decoder = make_decoder("pcm16", 16000, 1)
+    out = run_decoder(decoder, frames)
+    assert len(out) == len(speech_i16)
+    np.testing.assert_array_equal(np.round(out * 32768.0).astype(np.int16), speech_i16)
+
+
+def test_pcm_carried_byte_and_empty_frame() -> None:
+    decoder = make_decoder("pcm16", 16000, 1)
+    assert decoder.decode(b"").size == 0
+    first = decoder.decode(b"\x01")  # half a sample: buffered
+    assert first.size == 0 and decoder.pending_bytes == 1
+    out = decoder.decode(b"\x80\xff\x7f\x00")  # completes 0x8001, then 0x7fff, then half of the next
+    assert decoder.pending_bytes == 1
+    np.testing.assert_array_equal(np.round(out * 32768).astype(np.int16), [-32767, 32767])
+    assert decoder.flush().size == 0 and decoder.pending_bytes == 0  # a dangling half sample is dropped at the end
+    assert decoder.decoded_frames == 3 and decoder.failed_frames == 0
+
+
+def test_pcm16_stereo_16k_exact_downmix(speech_i16: np.ndarray) -> None:
+    left = speech_i16
+    right = np.roll(speech_i16, 1234)
+    data = np.stack([left, right], axis=1).astype("<i2").tobytes()
+    frames = odd_frames(data, seed=2)
+    assert any(len(f) % 4 for f in frames)
+    decoder = make_decoder("pcm16", 16000, 2)
+    out = run_decoder(decoder, frames)
+    expected = (left.astype(np.float32) + right.astype(np.float32)) / 65536.0
+    np.testing.assert_array_equal(out, expected.astype(np.float32))
+
+
+@pytest.mark.parametrize(
+    ("codec", "rate", "channels", "odd"),
+    [
+        ("pcm8", 8000, 1, False),
+        ("pcm8", 8000, 1, True),
+        ("pcm16", 44100, 1, False),
+        ("pcm16", 48000, 1, True),
+        ("pcm16", 22050, 1, False),
+        ("pcm16", 48000, 2, False),
+        ("pcm16", 44100, 2, True),
+        ("pcm8", 8000, 2, True),
+    ],
+)
+def test_pcm_resampled(speech: np.ndarray, codec: str, rate: int, channels: int, odd: bool) -> None:
+    source = to_i16(resample(speech, TARGET_RATE, rate))
+    if channels == 1:
+        data = source.astype("<i2").tobytes()
+        mono = source.astype(np.float32) / 32768.0
+    else:
+        other = (source // 2).astype(np.int16)
+        data = np.stack([source, other], axis=1).astype("<i2").tobytes()
+        mono = (source.astype(np.float32) + other.astype(np.float32)) / 65536.0
+    frame_bytes = rate // 50 * 2 * channels  # 20 ms
+    frames = odd_frames(data, seed=rate) if odd else fixed_frames(data, frame_bytes)
+    decoder = make_decoder(codec, rate, channels)
+    out = run_decoder(decoder, frames)
+
+    expected_len = round(len(mono) * TARGET_RATE / rate)
+    assert abs(len(out) - expected_len) <= 4
+    reference = resample(mono, rate, TARGET_RATE)
+    n = min(len(out), len(reference))
+    assert snr_db(reference[:n], out[:n]) > 30.0
+    assert np.corrcoef(reference[:n], out[:n])[0, 1] > 0.99
+    # and against the original 16 kHz speech (only band-limited by the round trip)
+    scale = 1.0 if channels == 1 else 0.75
+    m = min(len(out), len(speech))
+    assert np.corrcoef(speech[:m] * scale, out[:m])[0, 1] > 0.99
+    assert decoder.failed_frames == 0 and decoder.decoded_frames == len(frames)
+
+
+def test_stream_resampler_matches_one_shot(speech: np.ndarray) -> None:
+    audio48 = resample(speech, TARGET_RATE, 48000)
+    resampler = StreamResampler(48000)
+    out = np.concatenate([resampler.process(audio48[i : i + 960]) for i in range(0, len(audio48), 960)])
+    out = np.concatenate([out, resampler.process(np.zeros(0, np.float32), last=True)])
+    reference = resample(audio48, 48000)
+    assert abs(len(out) - len(reference)) <= 2
+    n = min(len(out), len(reference))
+    assert snr_db(reference[:n], out[:n]) > 60.0
+
+    passthrough = StreamResampler(16000)
+    chunk = speech[:320]
+    np.testing.assert_array_equal(passthrough.process(chunk), chunk)
+    assert passthrough.process(np.zeros(0, np.float32), last=True).size == 0
+    np.testing.assert_array_equal(resample(speech, 16000, 16000), speech)
+
+
+def test_decoders_do_not_share_state(speech_i16: np.ndarray) -> None:
+    """Interleaving two streams gives exactly what each gives alone (no state leaks between connections)."""
+    data = resample(speech_i16[: 16000 * 5].astype(np.float32) / 32768, 16000, 8000)
+    data = to_i16(data).astype("<i2").tobytes()
+    frames_a = odd_frames(data, seed=3)
+    frames_b = fixed_frames(data[::-1][: len(data) // 2 * 2], 320)
+    alone_a = run_decoder(make_decoder("pcm8", 8000, 1), frames_a)
+    alone_b = run_decoder(make_decoder("pcm8", 8000, 1), frames_b)
+    dec_a, dec_b = make_decoder("pcm8", 8000, 1), make_decoder("pcm8", 8000, 1)
+    outs_a, outs_b = [], []
+    for i in range(max(len(frames_a), len(frames_b))):
+        if i < len(frames_a):
+            outs_a.append(dec_a.decode(frames_a[i]))
+        if i < len(frames_b):
+            outs_b.append(dec_b.decode(frames_b[i]))
+    np.testing.assert_array_equal(np.concatenate([*outs_a, dec_a.flush()]), alone_a)
+    np.testing.assert_array_equal(np.concatenate([*outs_b, dec_b.flush()]), alone_b)
+
+
+def test_pcm_non_bytes_frame_is_decode_error() -> None:
+    decoder = make_decoder("pcm16", 16000, 1)
+    with pytest.raises(DecodeError):
+        decoder.decode("not bytes")  # type: ignore[arg-type]
+    assert decoder.failed_frames == 1
+    out = decoder.decode(memoryview(np.array([1000, -1000], "<i2").tobytes()))
+    np.testing.assert_array_equal(np.round(out * 32768), [1000, -1000])
+    assert decoder.decoded_frames == 1
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Opus
+
+
+@pytest.mark.parametrize(
+    ("codec", "rate", "channels", "bitrate"),
+    [
+        ("opus", 16000, 1, 32000),
+        ("opus_fs320", 16000, 1, 24000),
+        ("opus", 48000, 1, 64000),
+        ("opus", 16000, 2, 48000),
+    ],
+)
+def test_opus_decodes_speech(speech: np.ndarray, codec: str, rate: int, channels: int, bitrate: int) -> None:
+    source = speech if rate == TARGET_RATE else resample(speech, TARGET_RATE, rate)
+    packets = encode_opus(source, rate, channels=channels, bitrate=bitrate)
+    if codec == "opus_fs320":
+        assert rate // 50 == 320  # 320-sample frames at 16 kHz
+    assert len(packets) >= len(source) // (rate // 50)
+    decoder = make_decoder(codec, rate, channels)
+    out = run_decoder(decoder, packets)
+    assert decoder.decoded_frames == len(packets) and decoder.failed_frames == 0
+
+    frame = TARGET_RATE // 50
+    assert abs(len(out) - len(packets) * frame) <= 4  # each 20 ms packet gives 20 ms at 16 kHz
+    assert abs(len(out) - len(speech)) <= frame + 4
+    lag, corr = aligned_correlation(speech, out)
+    assert 0 <= lag <= frame, lag  # libopus' look-ahead (no OpusHead, so no pre-skip is applied)
+    assert corr > 0.9, corr
+
+
+def test_opus_stereo_packets_on_mono_decoder(speech: np.ndarray) -> None:
+    packets = encode_opus(speech[: 16000 * 5], 16000, channels=2, bitrate=48000)
+    out = run_decoder(make_decoder("opus", 16000, 1), packets)
+    _, corr = aligned_correlation(speech[: 16000 * 5], out)
+    assert corr > 0.9
+
+
+def _truncated_multiframe_packets(speech: np.ndarray) -> list[bytes]:
+    """40 ms packets at 48 kHz hold two 20 ms CELT frames; cut inside the first frame they are malformed (RFC 6716)."""
+    packets = encode_opus(resample(speech[: 16000 * 3], TARGET_RATE, 48000), 48000, bitrate=64000, frame_ms=40)
+    truncated = []
+    for packet in packets[5:]:
+        if packet[0] & 0x3 != 2 or packet[1] >= 252:  # code 2: two frames, first length in one byte
+            continue
+        cut = packet[: 2 + packet[1] // 2]  # shorter than the first frame's declared length
+        assert len(cut) < 2 + packet[1]
+        truncated.append(cut)
+    assert truncated
+    return truncated
+
+
+def _bad_packets(speech: np.ndarray) -> dict[str, bytes]:
+    rng = np.random.default_rng(7)
+    random_frame = bytearray(rng.bytes(1500))
+    random_frame[0] &= 0xFC  # code 0: one frame, which may be at most 1275 bytes
+    return {
+        "empty": b"",
+        "random": bytes(random_frame),
+        "zero_frames": bytes([0x03, 0x00]),  # code 3 with a frame count of 0
+        "truncated": _truncated_multiframe_packets(speech)[0],
+        "cbr_odd": bytes([0x01, 0x10, 0x20, 0x30]),  # code 1 (two equal-size frames) with an odd payload
+    }
+
+
+def test_opus_bad_frames(speech: np.ndarray, opus16_packets: list[bytes]) -> None:
+    decoder = make_decoder("opus", 16000, 1)
+    assert decoder.decode(opus16_packets[0]).dtype == np.float32
+    bad = _bad_packets(speech)
+    for i, (name, frame) in enumerate(bad.items(), start=1):
+        with pytest.raises(DecodeError):
+            decoder.decode(frame)
+        assert decoder.failed_frames == i, name
+        assert decoder.decoded_frames == i, name  # the good packet before it, and the ones after
+        out = decoder.decode(opus16_packets[i])
+        check_output(out)
+    assert decoder.failed_frames == len(bad)
+    # the decoder still works after all that: a further stretch of packets yields audio
+    outs = [decoder.decode(p) for p in opus16_packets[10:60]]
+    assert sum(len(o) for o in outs) >= 45 * 320
+    assert max(float(np.abs(o).max()) for o in outs if o.size) > 0.01
+
+
+def test_opus_truncated_packets_all_rejected(speech: np.ndarray) -> None:
+    decoder = make_decoder("opus", 48000, 1)
+    truncated = _truncated_multiframe_packets(speech)
+    for frame in truncated:
+        with pytest.raises(DecodeError):
+            decoder.decode(frame)
+    assert decoder.failed_frames == len(truncated) and decoder.decoded_frames == 0
+
+
+def test_opus_stream_survives_interleaved_bad_frames(speech: np.ndarray, opus16_packets: list[bytes]) -> None:
+    """Bad frames every 10 packets: each raises, and the decoded stream still matches the speech."""
+    bad = list(_bad_packets(speech).values())
+    decoder = make_decoder("opus", 16000, 1)
+    outs, n_bad = [], 0
+    for i, packet in enumerate(opus16_packets):
+        if i % 10 == 5:
+            with pytest.raises(DecodeError):
+                decoder.decode(bad[n_bad % len(bad)])
+            n_bad += 1
+        outs.append(decoder.decode(packet))
+    outs.append(decoder.flush())
+    out = np.concatenate(outs)
+    assert decoder.failed_frames == n_bad and decoder.decoded_frames == len(opus16_packets)
+    assert abs(len(out) - len(opus16_packets) * 320) <= 4
+    _, corr = aligned_correlation(speech, out)
+    assert corr > 0.9, corr
+
+
+def test_opus_random_garbage_never_breaks_the_stream(speech: np.ndarray, opus16_packets: list[bytes]) -> None:
+    """Opus cannot flag every corrupt packet (many byte strings are valid packets); either way, nothing escapes
+    but DecodeError, the counters add up and good packets still decode afterwards."""
+    rng = np.random.default_rng(11)
+    decoder = make_decoder("opus", 16000, 1)
+    for _ in range(300):
+        try:
+            check_output(decoder.decode(rng.bytes(int(rng.integers(0, 400)))))
+        except DecodeError:
+            pass
+    assert decoder.decoded_frames + decoder.failed_frames == 300
+    assert decoder.failed_frames > 0
+    decoder.flush()
+    start, stop = 500, 800  # 10 s to 16 s: speech (the first seconds of the sample are near silence)
+    outs = [decoder.decode(p) for p in opus16_packets[start:stop]]
+    out = np.concatenate([*outs, decoder.flush()])
+    _, corr = aligned_correlation(speech[start * 320 : stop * 320], out)
+    assert corr > 0.9, corr
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# parameters
+
+
+@pytest.mark.parametrize("codec", SUPPORTED_CODECS)
+def test_make_decoder_accepts_supported(codec: str) -> None:
+    rate = 8000 if codec == "pcm8" else 16000
+    decoder = make_decoder(codec, rate, 1)
+    assert isinstance(decoder, FrameDecoder)
+    assert decoder.decoded_frames == 0 and decoder.failed_frames == 0
+
+
+@pytest.mark.parametrize(
+    ("codec", "rate", "channels", "message"),
+    [
+        ("mp3", 16000, 1, "codec"),
+        ("", 16000, 1, "codec"),
+        ("pcm16", 7999, 1, "sample_rate"),
+        ("pcm16", 48001, 1, "sample_rate"),
+        ("pcm16", 96000, 1, "sample_rate"),
+        ("pcm8", 0, 1, "sample_rate"),
+        ("pcm16", "fast", 1, "sample_rate"),
+        ("opus", 44100, 1, "Opus"),
+        ("opus_fs320", 22050, 1, "Opus"),
+        ("pcm16", 16000, 0, "channels"),
+        ("pcm16", 16000, 3, "channels"),
+        ("opus", 16000, 6, "channels"),
+    ],
+)
+def test_make_decoder_rejects_bad_parameters(codec, rate, channels, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        make_decoder(codec, rate, channels)
