@@ -45,7 +45,8 @@ class Authenticator:
             import firebase_admin
             from firebase_admin import credentials
 
-            cred = credentials.Certificate(str(settings.firebase_credentials)) if settings.firebase_credentials else None
+            path = settings.firebase_credentials
+            cred = credentials.Certificate(str(path)) if path else None
             options = {"projectId": settings.firebase_project_id} if settings.firebase_project_id else None
             try:
                 self._firebase = firebase_admin.get_app()

@@ -4,6 +4,7 @@ whole upload. Speaker identification and profiles come with the speaker issue.""
 from __future__ import annotations
 
 import asyncio
+from typing import Annotated
 
 from fastapi import APIRouter, File, HTTPException, Request, UploadFile
 from pydantic import BaseModel
@@ -30,7 +31,7 @@ async def read_upload(upload: UploadFile, max_mb: float) -> bytes:
 
 
 @router.post("/v1/vad", response_model=list[SpeechRegion], summary="Speech regions of an audio file")
-async def vad(request: Request, file: UploadFile = File(..., description="audio: WAV, FLAC, OGG, MP3, M4A...")):
+async def vad(request: Request, file: Annotated[UploadFile, File(description="audio: WAV, FLAC, OGG, MP3, M4A...")]):
     state = request.app.state
     settings = state.settings
     data = await read_upload(file, settings.max_upload_mb)

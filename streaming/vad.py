@@ -233,7 +233,7 @@ class PyannoteVad(VadBackend):
         out = np.empty((n_chunks, chunk // self.frame_samples), np.float32)
         with torch.inference_mode():
             for s in range(0, n_chunks, self.max_batch):
-                batch = torch.from_numpy(np.ascontiguousarray(windows[s : s + self.max_batch]))
+                batch = torch.from_numpy(np.array(windows[s : s + self.max_batch]))  # a writable copy
                 scores = self._model(batch[:, None].to(self.device))
                 if self._powerset:  # softmax also turns the model's log-softmax output back into probabilities
                     speech = 1.0 - torch.softmax(scores.float(), dim=-1)[..., 0]
@@ -386,7 +386,7 @@ class StreamingVAD:
         fs = self.backend.frame_samples
         base = self._position
         events: list[VadEvent] = []
-        span_start: int | None = base if self.in_speech else None  # offset in `audio` of audio to emit
+        span_start: int | None = 0 if self.in_speech else None  # offset in `audio` of audio to emit
 
         def close_span(end: int) -> None:
             nonlocal span_start

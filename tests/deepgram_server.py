@@ -61,10 +61,11 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from http import HTTPStatus
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlsplit
 
 import numpy as np
@@ -73,6 +74,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 log = logging.getLogger("deepgram_test_server")
+T = TypeVar("T")
 
 LISTEN_PATH = "/v1/listen"
 # Deepgram's reason for closing an idle socket (close code 1011).
@@ -244,8 +246,13 @@ class _Session:
             rec.closed_at = time.monotonic()
             log.info(
                 "connection %s closed by %s (%s %s): %d audio bytes, %d replies, controls %s",
-                rec.request_id, rec.closed_by, rec.close_code, rec.close_reason, rec.audio_bytes,
-                len(rec.replies), rec.control_messages(),
+                rec.request_id,
+                rec.closed_by,
+                rec.close_code,
+                rec.close_reason,
+                rec.audio_bytes,
+                len(rec.replies),
+                rec.control_messages(),
             )
 
     def _record_closed(self, exc: ConnectionClosed) -> None:
@@ -286,8 +293,9 @@ class _Session:
         pending = self._frames_total() - self.cursor
         if pending >= self.threshold_frames:
             whole = pending // self.word_frames
-            self._enqueue(self._results(self.cursor + whole * self.word_frames, speech_final=False,
-                                        from_finalize=False))
+            self._enqueue(
+                self._results(self.cursor + whole * self.word_frames, speech_final=False, from_finalize=False)
+            )
         return False
 
     def _on_text(self, text: str, now: float) -> bool:
@@ -315,12 +323,14 @@ class _Session:
             self._enqueue(self._metadata())
             self._enqueue(None)  # then close 1000
             return True
-        self._enqueue({
-            "type": "Error",
-            "variant": "SchemaError",
-            "description": f"Could not parse client message of type {kind!r}.",
-            "message": text[:1000],
-        })
+        self._enqueue(
+            {
+                "type": "Error",
+                "variant": "SchemaError",
+                "description": f"Could not parse client message of type {kind!r}.",
+                "message": text[:1000],
+            }
+        )
         return False
 
     # ---- replies ----
@@ -331,7 +341,11 @@ class _Session:
         start, end = f0 / self.sample_rate, f1 / self.sample_rate
         text = f"w{start:.2f}"
         word: dict[str, Any] = {
-            "word": text, "start": start, "end": end, "confidence": 0.99, "punctuated_word": text,
+            "word": text,
+            "start": start,
+            "end": end,
+            "confidence": 0.99,
+            "punctuated_word": text,
         }
         if self.diarize:
             word["speaker"] = 0
@@ -360,11 +374,13 @@ class _Session:
             "speech_final": speech_final,
             "from_finalize": from_finalize,
             "channel": {
-                "alternatives": [{
-                    "transcript": " ".join(w["punctuated_word"] for w in words),
-                    "confidence": 0.99 if words else 0.0,
-                    "words": words,
-                }],
+                "alternatives": [
+                    {
+                        "transcript": " ".join(w["punctuated_word"] for w in words),
+                        "confidence": 0.99 if words else 0.0,
+                        "words": words,
+                    }
+                ],
             },
             "metadata": {
                 "request_id": self.rec.request_id,
@@ -478,7 +494,7 @@ class DeepgramTestServer:
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
-    async def wait_for(self, predicate, timeout: float = 5.0) -> None:  # noqa: ANN001
+    async def wait_for(self, predicate: Callable[[DeepgramTestServer], bool], timeout: float = 5.0) -> None:
         """Wait until ``predicate(self)`` is true (polling), or raise TimeoutError."""
         deadline = time.monotonic() + timeout
         while not predicate(self):
@@ -550,7 +566,7 @@ class ThreadedDeepgramTestServer:
             asyncio.set_event_loop(loop)
             try:
                 loop.run_until_complete(self.server.start())
-            except BaseException as exc:  # noqa: BLE001 - reported to the starting thread
+            except BaseException as exc:  # reported to the starting thread
                 error.append(exc)
                 ready.set()
                 loop.close()
@@ -586,11 +602,12 @@ class ThreadedDeepgramTestServer:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def _on_loop(self, fn):  # noqa: ANN001, ANN202
+    def _on_loop(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` on the server's loop (so it sees a consistent state) and return its result."""
         if self._loop is None:
             return fn()
 
-        async def call():  # noqa: ANN202
+        async def call() -> T:
             return fn()
 
         return asyncio.run_coroutine_threadsafe(call(), self._loop).result(10)
@@ -643,7 +660,7 @@ class ThreadedDeepgramTestServer:
     def reply_delay_s(self, value: float) -> None:
         self.server.reply_delay_s = value
 
-    def wait_for(self, predicate, timeout: float = 5.0) -> None:  # noqa: ANN001
+    def wait_for(self, predicate: Callable[[ThreadedDeepgramTestServer], bool], timeout: float = 5.0) -> None:
         """Wait until ``predicate(self)`` is true (polling snapshots), or raise TimeoutError."""
         deadline = time.monotonic() + timeout
         while not predicate(self):

@@ -1,0 +1,192 @@
+"""Shared test fixtures: real audio from ../shared/data, a real `uvicorn server:app` process, a WebSocket client."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import soundfile as sf
+
+os.environ.setdefault("PYANNOTE_METRICS_ENABLED", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data"
+SAMPLE_WAV = DATA / "sample.wav"
+AMI = DATA / "ami-debug"
+
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+
+def read_wav(path: Path) -> np.ndarray:
+    audio, sr = sf.read(path, dtype="float32")
+    assert sr == 16000 and audio.ndim == 1
+    return audio
+
+
+def to_int16(audio: np.ndarray) -> np.ndarray:
+    return (np.clip(audio, -1.0, 32767 / 32768) * 32768.0).round().astype(np.int16)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class ServerProcess:
+    port: int
+    proc: subprocess.Popen
+    log_path: Path
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+
+def start_server(tmp_path: Path, **env: str) -> ServerProcess:
+    """Runs `uvicorn server:app` as a separate process on a free loopback port, waits for /ready."""
+    port = free_port()
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("DEEPGRAM", "ADMIN_KEY", "STT_", "VAD_"))}
+    full_env.update({"DATA_DIR": str(tmp_path / "data"), "PYANNOTE_METRICS_ENABLED": "false", **env})
+    log_path = tmp_path / f"server-{port}.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "server:app", "--host", "127.0.0.1", "--port", str(port)],
+            cwd=REPO, env=full_env, stdout=log, stderr=subprocess.STDOUT,
+        )
+    server = ServerProcess(port, proc, log_path)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{server.log()}")
+        try:
+            if httpx.get(f"{server.http}/ready", timeout=1).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError(f"server not ready in time:\n{server.log()}")
+
+
+def stop_server(server: ServerProcess) -> None:
+    server.proc.terminate()
+    try:
+        server.proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        server.proc.kill()
+
+
+@pytest.fixture(scope="module")
+def local_server(tmp_path_factory) -> Iterator[ServerProcess]:
+    """The embedded defaults: silero VAD, pocketsphinx STT, no keys, no auth configured (loopback only)."""
+    server = start_server(tmp_path_factory.mktemp("local"))
+    yield server
+    stop_server(server)
+
+
+@dataclass
+class StreamResult:
+    segments: dict[str, dict] = field(default_factory=dict)  # upserted by id, in first-seen order
+    events: list[dict] = field(default_factory=list)
+    pings: int = 0
+    close_code: int | None = None
+    close_reason: str = ""
+
+    def statuses(self) -> list[str]:
+        return [e["status"] for e in self.events if e.get("type") == "service_status"]
+
+    def errors(self) -> list[dict]:
+        return [e for e in self.events if e.get("type") == "error"]
+
+    def ordered(self) -> list[dict]:
+        return sorted(self.segments.values(), key=lambda s: s["start"])
+
+
+async def stream_frames(url: str, frames: list[bytes | str], headers: dict[str, str] | None = None,
+                        pace_s: float = 0.0, until=None, timeout_s: float = 90.0, close: bool = True) -> StreamResult:
+    """Connects, sends frames (bytes = audio, str = text), waits until `until(result)` holds (or the server
+    closes, or timeout_s passes), then closes and collects what the server sent until it closed.
+    With close=False the client never closes: it waits for the server to (idle and refusal tests)."""
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import ConnectionClosed
+
+    result = StreamResult()
+    headers = {"Authorization": "Bearer test-user"} if headers is None else headers
+    changed = asyncio.Event()
+    async with connect(url, additional_headers=headers, max_size=None, open_timeout=30) as ws:
+
+        async def reader() -> None:
+            try:
+                async for message in ws:
+                    if message == "ping":
+                        result.pings += 1
+                        continue
+                    payload = json.loads(message)
+                    if isinstance(payload, list):
+                        for seg in payload:
+                            result.segments[seg["id"]] = seg
+                    else:
+                        result.events.append(payload)
+                    changed.set()
+            except ConnectionClosed:
+                pass
+            changed.set()
+
+        task = asyncio.create_task(reader())
+        try:
+            for frame in frames:
+                if task.done():
+                    break
+                await ws.send(frame)
+                if pace_s:
+                    await asyncio.sleep(pace_s)
+            deadline = asyncio.get_running_loop().time() + timeout_s
+            while not task.done() and not (until is not None and until(result)):
+                if until is None and close:
+                    break
+                remaining = deadline - asyncio.get_running_loop().time()
+                if remaining <= 0:
+                    break
+                changed.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changed.wait(), timeout=remaining)
+            if close and not task.done():
+                await ws.close()
+            await asyncio.wait_for(task, timeout=30)
+        finally:
+            task.cancel()
+        result.close_code = ws.close_code
+        result.close_reason = ws.close_reason or ""
+    return result
+
+
+def silence_frames(seconds: float, rate: int = 16000, frame_ms: int = 20) -> list[bytes]:
+    return pcm16_frames(np.zeros(int(seconds * rate), np.float32), frame_ms, rate)
+
+
+def pcm16_frames(audio: np.ndarray, frame_ms: int = 20, rate: int = 16000) -> list[bytes]:
+    pcm = to_int16(audio).tobytes()
+    step = rate * frame_ms // 1000 * 2
+    return [pcm[i : i + step] for i in range(0, len(pcm), step)]

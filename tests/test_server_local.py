@@ -1,0 +1,157 @@
+"""End to end on the embedded defaults: a real `uvicorn server:app` process (silero VAD, pocketsphinx STT, no keys,
+loopback-only auth) and a real WebSocket client streaming real speech in every codec."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from audio_tools import encode_opus
+from conftest import SAMPLE_WAV, pcm16_frames, read_wav, silence_frames, stream_frames
+
+from config import Settings
+from streaming.codecs import make_decoder, resample
+from streaming.stt import LocalRecognizer, to_pcm16
+from streaming.vad import SileroVad, SpeechAudio, SpeechEnd, StreamingVAD, VadParams
+
+# sample.rttm: speech from 6.69 s to 30.0 s, nothing before.
+SPEECH_START, SPEECH_END = 6.69, 30.0
+
+
+def reaches_end(result) -> bool:
+    """The last speech region (ending at 30 s) has come back as a segment."""
+    return any(seg["end"] > 27.0 for seg in result.segments.values())
+
+
+def check_segments(result, time_offset: float = 0.0, slack: float = 0.5) -> list[dict]:
+    """Sane segments: the Omi fields, times inside the speech of sample.wav, ordered, real words."""
+    segments = result.ordered()
+    assert segments, f"no segments; events={result.events}"
+    for seg in segments:
+        assert set(seg) == {"id", "text", "speaker", "speaker_id", "is_user", "person_id", "start", "end"}
+        assert seg["speaker"] == "SPEAKER_0" and seg["speaker_id"] == 0 and seg["is_user"] is False
+        assert SPEECH_START - 0.5 - slack <= seg["start"] - time_offset < seg["end"] - time_offset <= 30.5 + slack
+    for a, b in zip(segments, segments[1:], strict=False):
+        assert a["end"] <= b["start"] + 1e-6
+    words = " ".join(s["text"] for s in segments).split()
+    assert len(words) >= 40, words  # ~23 s of conversational speech
+    return segments
+
+
+@pytest.fixture(scope="module")
+def sample() -> np.ndarray:
+    return read_wav(SAMPLE_WAV)
+
+
+def offline_words(audio: np.ndarray) -> list[str]:
+    """The same VAD and recogniser run in-process over a whole 16 kHz signal: what a stream must reproduce."""
+    vad = StreamingVAD(SileroVad(), VadParams.from_settings(Settings()))
+    recognizer, region, words = LocalRecognizer(decoders=1), [], []
+    for ev in vad.process(audio) + vad.flush():
+        if isinstance(ev, SpeechAudio):
+            region.append(ev.audio)
+        elif isinstance(ev, SpeechEnd):
+            words += [w.text for w in recognizer.recognize(to_pcm16(np.concatenate(region)))]
+            region = []
+    assert len(words) >= 40
+    return words
+
+
+def decoded(codec: str, rate: int, frames: list[bytes]) -> np.ndarray:
+    """What the server's decoder makes of these frames (decoding is deterministic)."""
+    decoder = make_decoder(codec, rate, 1)
+    return np.concatenate([decoder.decode(f) for f in frames] + [decoder.flush()])
+
+
+def streamed_words(result) -> list[str]:
+    return " ".join(s["text"] for s in result.ordered()).split()
+
+
+async def test_pcm16_stream_gives_segments(local_server, sample):
+    frames = pcm16_frames(sample) + silence_frames(1.5)
+    result = await stream_frames(f"{local_server.ws}/v4/listen?codec=pcm16&sample_rate=16000", frames,
+                                 until=reaches_end)
+    assert result.statuses() == ["initiating", "stt_initiating", "ready"]
+    assert not result.errors()
+    check_segments(result)
+    # Decoding, VAD and recognition are deterministic and chunking-invariant: the live stream gives exactly the
+    # transcript of an offline run over the same audio. Lost, repeated or reordered audio would change it.
+    assert streamed_words(result) == offline_words(decoded("pcm16", 16000, frames))
+
+
+@pytest.mark.parametrize("path", ["/v4/listen", "/v3/listen"])
+async def test_pcm8_default_codec_and_alias(local_server, sample, path):
+    frames = pcm16_frames(resample(sample, 16000, 8000), rate=8000) + silence_frames(1.5, rate=8000)
+    result = await stream_frames(f"{local_server.ws}{path}", frames, until=reaches_end)  # Omi defaults: pcm8, 8 kHz
+    assert not result.errors()
+    check_segments(result)
+    assert streamed_words(result) == offline_words(decoded("pcm8", 8000, frames))
+
+
+@pytest.mark.parametrize("codec", ["opus", "opus_fs320"])
+async def test_opus_streams(local_server, sample, codec):
+    packets = encode_opus(np.concatenate([sample, np.zeros(24000, np.float32)]), 16000, bitrate=32000)
+    result = await stream_frames(f"{local_server.ws}/v4/listen?codec={codec}&sample_rate=16000", packets,
+                                 until=reaches_end)
+    assert not result.errors()
+    check_segments(result, slack=0.6)  # the Opus decoder adds a few ms of delay
+    assert streamed_words(result) == offline_words(decoded(codec, 16000, packets))
+
+
+async def test_bad_frames_reported_and_stream_goes_on(local_server, sample):
+    packets = encode_opus(np.concatenate([sample, np.zeros(24000, np.float32)]), 16000)
+    bad = [b"", b"\xff" * 2000, bytes([0x03, 0x00])]  # empty, oversized frame, zero frame count (RFC 6716)
+    frames: list[bytes | str] = []
+    for i, p in enumerate(packets):
+        frames.append(p)
+        if i % 300 == 150:
+            frames.append(bad[(i // 300) % len(bad)])
+    frames.insert(10, "{not json")  # broken text is ignored, not fatal
+    frames.insert(11, '{"type": "something_new"}')
+    result = await stream_frames(f"{local_server.ws}/v4/listen?codec=opus&sample_rate=16000", frames,
+                                 until=reaches_end)
+    errors = result.errors()
+    assert len(errors) == 5 and all(e["code"] == "bad_frame" for e in errors), errors
+    check_segments(result, slack=0.6)
+    # The bad frames were skipped, the good ones all decoded: the same transcript as without the bad frames.
+    assert streamed_words(result) == offline_words(decoded("opus", 16000, packets))
+
+
+async def test_odd_length_pcm_frames_lose_nothing(local_server, sample):
+    pcm = to_pcm16(sample) + bytes(48000)
+    frames = [pcm[i : i + 641] for i in range(0, len(pcm), 641)]  # odd sizes: every frame splits a sample in two
+    result = await stream_frames(f"{local_server.ws}/v4/listen?codec=pcm16&sample_rate=16000", frames,
+                                 until=reaches_end)
+    assert not result.errors()
+    check_segments(result)
+    assert streamed_words(result) == offline_words(np.frombuffer(pcm, "<i2").astype(np.float32) / 32768)
+
+
+@pytest.mark.parametrize(
+    "query",
+    ["codec=mp3", "sample_rate=1000", "channels=3", "conversation_timeout=5", "language=%3Cscript%3E",
+     "sample_rate=abc", "codec=opus&sample_rate=22050"],
+)
+async def test_bad_parameters_close_1008(local_server, query):
+    result = await stream_frames(f"{local_server.ws}/v4/listen?{query}", [], close=False, timeout_s=10)
+    assert result.close_code == 1008
+    assert [e["code"] for e in result.errors()] == ["bad_parameters"]
+
+
+async def test_missing_auth_closes_1008(local_server):
+    result = await stream_frames(f"{local_server.ws}/v4/listen", [], headers={}, close=False, timeout_s=10)
+    assert result.close_code == 1008
+    assert result.errors()[0]["code"] == "unauthorized"
+
+
+async def test_idle_stream_closed_1001(tmp_path, sample):
+    from conftest import start_server, stop_server
+
+    server = start_server(tmp_path, IDLE_TIMEOUT_S="1.5", HEARTBEAT_S="0.5")
+    try:
+        result = await stream_frames(f"{server.ws}/v4/listen?codec=pcm16&sample_rate=16000",
+                                     silence_frames(0.5), close=False, timeout_s=20)
+    finally:
+        stop_server(server)
+    assert result.close_code == 1001
+    assert result.pings >= 2  # the text frame "ping" every HEARTBEAT_S
+    assert result.errors()[-1]["code"] == "idle"
