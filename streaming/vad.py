@@ -250,13 +250,15 @@ class PyannoteVad(VadBackend):
 
 @dataclass(frozen=True)
 class VadParams:
-    onset: float = 0.3
-    offset: float = 0.2
+    """The defaults equal config.Settings' (a test checks); the server always builds these from settings."""
+
+    onset: float = 0.4
+    offset: float = 0.3
     pre_roll_ms: int = 200
     hangover_ms: int = 400
     min_speech_ms: int = 100
     max_speech_s: float = 30.0
-    normalize: bool = True
+    normalize: bool = False
 
     @classmethod
     def from_settings(cls, s: Settings) -> VadParams:
@@ -441,7 +443,8 @@ def detect_regions(
     """Batch mode: speech regions of a whole signal as (start, end) sample pairs, same code as streaming.
 
     Regions shorter than `min_speech_ms` (without their padding) are dropped here; a live stream cannot take back
-    audio it already sent, so streaming keeps them.
+    audio it already sent, so streaming keeps them. Touching regions (speech resumed right where the hangover of
+    the last one ended, or a region cut at `max_speech_s`) are merged.
     """
     vad = StreamingVAD(backend, params)
     events = vad.process(audio) + vad.flush()
@@ -455,7 +458,15 @@ def detect_regions(
             start = None
     pad = int((params.pre_roll_ms + params.hangover_ms) * SAMPLE_RATE / 1000)
     min_len = int(params.min_speech_ms * SAMPLE_RATE / 1000) + pad
-    return [(s, e) for s, e in regions if e - s >= min_len]
+    merged: list[tuple[int, int]] = []
+    for s, e in regions:
+        if e - s < min_len:
+            continue
+        if merged and s <= merged[-1][1]:  # touching: speech resumed right at the end of the hangover
+            merged[-1] = (merged[-1][0], e)
+        else:
+            merged.append((s, e))
+    return merged
 
 
 # --- loading ---------------------------------------------------------------------------------------------------

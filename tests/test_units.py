@@ -1,0 +1,174 @@
+"""Unit tests of the pure parts: the sent-audio timeline, segment building, the VAD state machine, settings."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import SAMPLE_WAV, read_wav
+
+from config import Settings
+from streaming.pipeline import SegmentBuilder
+from streaming.stt import SentTimeline, Transcript, Word
+from streaming.vad import SileroVad, SpeechAudio, SpeechEnd, SpeechStart, StreamingVAD, VadBackend, VadParams
+
+SR = 16000
+
+
+# --- SentTimeline: Deepgram's clock counts only the audio sent ------------------------------------------------------
+
+
+def test_timeline_maps_across_gaps_of_known_length():
+    tl = SentTimeline()
+    tl.append(2 * SR, 3 * SR)  # stream 2..5 s  -> sent 0..3 s
+    tl.append(9 * SR, 1 * SR)  # stream 9..10 s -> sent 3..4 s   (a 4 s gap)
+    tl.append(10 * SR, SR // 2)  # contiguous: extends the span, sent 4..4.5 s
+    tl.append(30 * SR, 2 * SR)  # stream 30..32 s -> sent 4.5..6.5 s (a 19.5 s gap)
+    assert tl.sent_samples == int(6.5 * SR)
+    assert tl.to_stream(0.0) == 2.0
+    assert tl.to_stream(1.25) == 3.25
+    assert tl.to_stream(3.0) == 9.0  # a start on a boundary belongs to the later span
+    assert tl.to_stream(3.0, is_end=True) == 5.0  # an end on a boundary belongs to the earlier span
+    assert tl.to_stream(4.25) == 10.25
+    assert tl.to_stream(4.5) == 30.0
+    assert tl.to_stream(4.5, is_end=True) == 10.5
+    assert tl.to_stream(6.5, is_end=True) == 32.0
+    assert tl.to_stream(7.0, is_end=True) == 32.0  # past the end: clamped to the last sent sample
+    assert tl.to_stream(3.0 + 1 / SR) == pytest.approx(9.0 + 1 / SR)  # exact to the sample
+
+
+def test_timeline_empty_is_identity():
+    assert SentTimeline().to_stream(1.5) == 1.5
+
+
+# --- SegmentBuilder ------------------------------------------------------------------------------------------------
+
+
+def test_segments_grow_until_speech_final_then_start_new():
+    tl = SentTimeline()
+    tl.append(10 * SR, 4 * SR)  # sent 0..4 s = stream 10..14 s
+    tl.append(20 * SR, 2 * SR)  # sent 4..6 s = stream 20..22 s
+    sb = SegmentBuilder(tl)
+    first = sb.add(Transcript((Word("Hello", 0.5, 0.9), Word("there.", 1.0, 1.4)), True, False))
+    assert [s.text for s in first] == ["Hello there."]
+    seg_id = first[0].id
+    grown = sb.add(Transcript((Word("How", 2.0, 2.3),), True, True))
+    assert grown[0].id == seg_id and grown[0].text == "Hello there. How"
+    assert (grown[0].start, grown[0].end) == (10.5, 12.3)
+    new = sb.add(Transcript((Word("Fine", 4.0, 4.5),), True, True))
+    assert new[0].id != seg_id and (new[0].start, new[0].end) == (20.0, 20.5)
+    assert sb.add(Transcript((), True, True)) == []  # an empty Finalize answer changes nothing
+    assert sb.add(Transcript((Word("interim", 5.0, 5.2),), False, False)) == []  # only finals make segments
+    assert [s.text for s in sb.segments] == ["Hello there. How", "Fine"]
+
+
+# --- StreamingVAD ---------------------------------------------------------------------------------------------------
+
+
+class ScriptedVad(VadBackend):
+    """A backend whose probabilities come from a script (one per 512-sample frame): tests the state machine alone."""
+
+    name = "scripted"
+    frame_samples = 512
+    chunk_samples = 512
+
+    def __init__(self, probs: list[float]) -> None:
+        self.probs = probs
+
+    def new_state(self) -> list[int]:
+        return [0]
+
+    def speech_probs(self, state: list[int], audio: np.ndarray) -> np.ndarray:
+        n = len(audio) // self.frame_samples
+        out = np.array([self.probs[i] if i < len(self.probs) else 0.0 for i in range(state[0], state[0] + n)])
+        state[0] += n
+        return out.astype(np.float32)
+
+
+def run_vad(vad: StreamingVAD, audio: np.ndarray, step: int) -> list:
+    events = []
+    for i in range(0, len(audio), step):
+        events += vad.process(audio[i : i + step])
+    return events + vad.flush()
+
+
+def summarize(events: list) -> tuple[list, np.ndarray]:
+    marks = [(type(e).__name__, e.sample) for e in events if not isinstance(e, SpeechAudio)]
+    audio = [e for e in events if isinstance(e, SpeechAudio)]
+    for a, b in zip(audio, audio[1:], strict=False):
+        assert a.start + len(a.audio) <= b.start  # never overlapping, never reordered
+    return marks, np.concatenate([e.audio for e in audio]) if audio else np.zeros(0)
+
+
+def test_hysteresis_pre_roll_and_hangover():
+    f = 512
+    # 10 frames silence, 10 speech, 2 "unsure" (between offset and onset: still speech), 30 silence
+    probs = [0.0] * 10 + [0.9] * 10 + [0.35] * 2 + [0.0] * 30
+    params = VadParams(onset=0.5, offset=0.3, pre_roll_ms=64, hangover_ms=320, min_speech_ms=0)
+    audio = np.arange(len(probs) * f, dtype=np.float32) / 1e6  # distinct samples to check positions
+    marks, sent = summarize(run_vad(StreamingVAD(ScriptedVad(probs), params), audio, 320))
+    pre, hang = 2 * f, 10 * f  # 64 ms = 2 frames; 320 ms = 10 frames of silence close the region
+    start = 10 * f - pre
+    end = 22 * f + hang
+    assert marks == [("SpeechStart", start), ("SpeechEnd", end)]
+    assert np.array_equal(sent, audio[start:end])  # exactly the region, padding included
+
+
+@pytest.mark.parametrize("step", [1, 320, 511, 512, 4000, 10**6])
+def test_chunking_does_not_change_decisions(step):
+    audio = read_wav(SAMPLE_WAV)[: 12 * SR]
+    backend = SileroVad()
+    reference = summarize(run_vad(StreamingVAD(backend, VadParams()), audio, len(audio)))
+    if step == 1:
+        step = 7  # one sample at a time would take long; 7 is as awkward
+    marks, sent = summarize(run_vad(StreamingVAD(backend, VadParams()), audio, step))
+    assert marks == reference[0] and np.array_equal(sent, reference[1])
+
+
+def test_streams_do_not_share_state():
+    """Two streams on one backend, interleaved frame by frame, decide exactly as each would alone."""
+    backend = SileroVad()
+    a, b = read_wav(SAMPLE_WAV)[: 10 * SR], read_wav(SAMPLE_WAV)[15 * SR : 25 * SR][::-1].copy()
+    alone = [summarize(run_vad(StreamingVAD(backend, VadParams()), x, 320)) for x in (a, b)]
+    va, vb = StreamingVAD(backend, VadParams()), StreamingVAD(backend, VadParams())
+    ea, eb = [], []
+    for i in range(0, len(a), 320):
+        ea += va.process(a[i : i + 320])
+        eb += vb.process(b[i : i + 320])
+    together = [summarize(ea + va.flush()), summarize(eb + vb.flush())]
+    for (m1, s1), (m2, s2) in zip(alone, together, strict=True):
+        assert m1 == m2 and np.array_equal(s1, s2)
+
+
+def test_max_speech_cuts_long_regions():
+    probs = [0.9] * 200
+    params = VadParams(onset=0.5, offset=0.3, pre_roll_ms=0, hangover_ms=100, min_speech_ms=0, max_speech_s=1.0)
+    events = run_vad(StreamingVAD(ScriptedVad(probs), params), np.zeros(200 * 512, np.float32), 512)
+    starts = [e.sample for e in events if isinstance(e, SpeechStart)]
+    ends = [e.sample for e in events if isinstance(e, SpeechEnd)]
+    assert len(starts) == len(ends) >= 6
+    assert all(e - s <= SR + 512 for s, e in zip(starts, ends, strict=True))
+    assert starts[1:] == ends[:-1]  # cut and restarted with no audio lost
+
+
+def test_vad_defaults_match_settings():
+    assert VadParams.from_settings(Settings(_env_file=None)) == VadParams()
+
+
+def test_settings_derive_ws_url_and_stt_default():
+    s = Settings(_env_file=None, deepgram_url="https://dg.example.com/")
+    assert s.deepgram_ws_url == "wss://dg.example.com" and s.stt_backend == "local"
+    s = Settings(_env_file=None, deepgram_url="http://127.0.0.1:8765", deepgram_api_key="k")
+    assert s.deepgram_ws_url == "ws://127.0.0.1:8765" and s.stt_backend == "deepgram"
+    with pytest.raises(ValueError):
+        Settings(_env_file=None, vad_onset=0.2, vad_offset=0.5)
+
+
+def test_env_template_lists_every_setting_and_loads_as_the_defaults():
+    import re
+
+    from conftest import REPO
+
+    template = (REPO / ".env.template").read_text(encoding="utf-8")
+    keys = set(re.findall(r"^([A-Z0-9_]+)=", template, re.M))
+    assert keys == {name.upper() for name in Settings.model_fields}
+    assert Settings(_env_file=REPO / ".env.template") == Settings(_env_file=None)
