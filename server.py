@@ -203,7 +203,11 @@ async def _receive_loop(client: _Client, pipeline: Pipeline, s: Settings) -> int
                     code="frame_too_large", message=f"frame of {len(frame)} bytes over {s.max_frame_bytes}"
                 ).model_dump())
                 continue
-            await pipeline.feed(frame)
+            try:
+                await pipeline.feed(frame)
+            except SttError as exc:
+                await client.send_json(ErrorEvent(code="stt_unavailable", message=str(exc)).model_dump())
+                return CloseCode.SERVER_ERROR
         elif message.get("text") is not None:
             await _command(client, message["text"])
 

@@ -187,13 +187,23 @@ class DeepgramSession(SttSession):
             self.closed_by_server.set()
 
     async def send(self, audio: np.ndarray) -> None:
-        await self._socket.send_media(to_pcm16(audio))
+        await self._guarded(self._socket.send_media(to_pcm16(audio)))
 
     async def finalize(self) -> None:
-        await self._socket.send_finalize()
+        await self._guarded(self._socket.send_finalize())
 
     async def keepalive(self) -> None:
-        await self._socket.send_keep_alive()
+        await self._guarded(self._socket.send_keep_alive())
+
+    async def _guarded(self, send) -> None:
+        """Deepgram went away mid-stream: a defined SttError (reconnecting with replay is separate work)."""
+        if self.closed_by_server.is_set():
+            send.close()
+            raise SttError("the Deepgram connection was closed")
+        try:
+            await send
+        except Exception as exc:
+            raise SttError(f"lost the Deepgram connection: {type(exc).__name__}") from None
 
     async def close(self) -> None:
         if self._socket is not None and not self.closed_by_server.is_set():
