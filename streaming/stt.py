@@ -281,7 +281,11 @@ class LocalRecognizer:
 
 
 class LocalSession(SttSession):
-    """Buffers each speech region's audio and decodes it when the region closes."""
+    """Buffers each speech region's audio and decodes it when the region closes.
+
+    Decoding runs in a worker thread as a chain of tasks (one per region, each awaiting the one before), so the
+    stream keeps taking audio while a region is recognised and results still come out in order.
+    """
 
     def __init__(self, on_transcript: OnTranscript, recognizer: LocalRecognizer) -> None:
         super().__init__(on_transcript)
@@ -289,6 +293,7 @@ class LocalSession(SttSession):
         self._region: list[np.ndarray] = []
         self._region_sent_start = 0  # sent-audio sample of the buffered region's first sample
         self._sent = 0
+        self._last_task: asyncio.Task | None = None
 
     async def start(self) -> None:
         return None
@@ -303,12 +308,19 @@ class LocalSession(SttSession):
         audio = np.concatenate(self._region)
         offset = self._region_sent_start / SAMPLE_RATE
         self._region, self._region_sent_start = [], self._sent
+        self._last_task = asyncio.create_task(self._recognize(self._last_task, audio, offset))
+
+    async def _recognize(self, previous: asyncio.Task | None, audio: np.ndarray, offset: float) -> None:
         words = await asyncio.to_thread(self._recognizer.recognize, to_pcm16(audio))
+        if previous is not None:
+            await previous
         shifted = tuple(Word(w.text, w.start + offset, w.end + offset, w.confidence) for w in words)
         await self.on_transcript(Transcript(words=shifted, is_final=True, speech_final=True))
 
     async def close(self) -> None:
         await self.finalize()
+        if self._last_task is not None:
+            await self._last_task
 
 
 # --- factory ------------------------------------------------------------------------------------------------------
