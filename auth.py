@@ -64,7 +64,10 @@ class Authenticator:
         if not header:
             raise AuthError("missing Authorization header")
         key = self._admin_key
-        if key is not None and len(header) > len(key) and hmac.compare_digest(header[: len(key)], key):
+        # Bytes, not str: compare_digest raises TypeError on non-ASCII str, and headers are decoded as latin-1.
+        if key is not None and len(header) > len(key) and hmac.compare_digest(
+            header[: len(key)].encode("utf-8", "surrogateescape"), key.encode("utf-8", "surrogateescape")
+        ):
             return self._checked_uid(header[len(key) :])
         scheme, _, value = header.partition(" ")
         if scheme.lower() != "bearer" or not value.strip():

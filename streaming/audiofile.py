@@ -9,7 +9,7 @@ import io
 
 import numpy as np
 
-from streaming.codecs import TARGET_RATE, resample
+from streaming.codecs import TARGET_RATE, StreamResampler, resample
 
 
 class AudioFileError(ValueError):
@@ -48,11 +48,24 @@ def _decode_soundfile(data: bytes, max_seconds: float) -> tuple[np.ndarray | Non
     if info.samplerate <= 0 or info.channels <= 0:
         raise AudioFileError("invalid audio header", 422)
     _too_long(info.frames, info.samplerate, max_seconds)
+    # Block by block, downmixed and resampled as it goes: a small FLAC of many channels at a high rate must not
+    # expand to (channels x rate x duration) floats in memory; peak memory is the 16 kHz mono result.
+    resampler = StreamResampler(info.samplerate, TARGET_RATE)
+    block = max(1, (1 << 20) // info.channels)
+    chunks: list[np.ndarray] = []
+    total = 0
     try:
-        audio, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+        with sf.SoundFile(io.BytesIO(data)) as f:
+            while len(x := f.read(block, dtype="float32", always_2d=True)):
+                total += len(x)
+                _too_long(total, info.samplerate, max_seconds)  # headers can lie about the length
+                chunks.append(resampler.process(x.mean(axis=1, dtype=np.float32)))
+        chunks.append(resampler.process(np.zeros(0, np.float32), last=True))
+    except AudioFileError:
+        raise
     except Exception as exc:
         raise AudioFileError(f"cannot decode audio: {exc}", 422) from None
-    return audio.mean(axis=1, dtype=np.float32), int(rate)
+    return np.concatenate(chunks), TARGET_RATE
 
 
 def _decode_pyav(data: bytes, max_seconds: float) -> tuple[np.ndarray, int]:

@@ -1,0 +1,328 @@
+"""`POST /v1/vad` against a real `uvicorn server:app` process: real speech in every common container, bad uploads,
+the upload limits, the same answer as the in-process batch code, and the AMI detection error through HTTP."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import struct
+
+import av
+import httpx
+import numpy as np
+import pytest
+import soundfile as sf
+from conftest import AMI, REPO, SAMPLE_WAV, read_wav, start_server, stop_server
+
+from config import Settings
+from streaming.codecs import resample
+from streaming.pipeline import speech_regions
+from streaming.vad import SileroVad, VadParams
+
+# ../shared/data/sample.rttm: speech from 6.69 s to 30.0 s, nothing before.
+SPEECH_START, SPEECH_END = 6.69, 30.0
+TIMEOUT = httpx.Timeout(60.0)
+
+
+# --- helpers -------------------------------------------------------------------------------------------------------
+
+
+def wav_bytes(audio: np.ndarray, rate: int, fmt: str = "WAV", subtype: str | None = None) -> bytes:
+    buf = io.BytesIO()
+    sf.write(buf, audio, rate, format=fmt, subtype=subtype)
+    return buf.getvalue()
+
+
+def av_encode(audio: np.ndarray, rate: int, container: str, codec: str) -> bytes:
+    """Mono float audio encoded with PyAV (ffmpeg) into an in-memory container."""
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format=container) as out:
+        stream = out.add_stream(codec, rate=rate, layout="mono")
+        step = 4096
+        for start in range(0, len(audio), step):
+            frame = av.AudioFrame.from_ndarray(audio[None, start : start + step].astype(np.float32), format="flt",
+                                               layout="mono")
+            frame.sample_rate = rate
+            frame.pts = start
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)
+    return buf.getvalue()
+
+
+def mp3_encoder() -> str:
+    for name in ("libmp3lame", "mp3"):
+        if name in av.codecs_available:
+            try:
+                av.CodecContext.create(name, "w")
+                return name
+            except Exception:  # a decoder by that name, no encoder
+                continue
+    pytest.skip("the bundled ffmpeg has no MP3 encoder")
+
+
+def aac_encoder() -> str:
+    for name in ("aac", "libfdk_aac"):
+        if name in av.codecs_available:
+            try:
+                av.CodecContext.create(name, "w")
+                return name
+            except Exception:
+                continue
+    pytest.skip("the bundled ffmpeg has no AAC encoder")
+
+
+def post_vad(base: str, data: bytes, filename: str = "audio.wav",
+             content_type: str = "application/octet-stream") -> httpx.Response:
+    return httpx.post(f"{base}/v1/vad", files={"file": (filename, data, content_type)}, timeout=TIMEOUT)
+
+
+def check_regions(regions) -> list[dict]:
+    """The wire shape: a list of {start, end, duration}, sorted, non-overlapping, duration == end - start."""
+    assert isinstance(regions, list)
+    for r in regions:
+        assert set(r) == {"start", "end", "duration"}, r
+        assert all(isinstance(r[k], int | float) for k in r)
+        assert 0 <= r["start"] < r["end"]
+        assert r["duration"] == pytest.approx(round(r["end"] - r["start"], 3), abs=1e-9)
+    for a, b in zip(regions, regions[1:], strict=False):
+        assert a["end"] <= b["start"], (a, b)
+    return regions
+
+
+def covered(regions: list[dict], lo: float, hi: float) -> float:
+    return sum(max(0.0, min(r["end"], hi) - max(r["start"], lo)) for r in regions)
+
+
+def check_sample_speech(regions: list[dict], edge_slack: float = 0.0) -> None:
+    """The speech of sample.wav: most of 6.69-30 s covered, nothing before ~6.3 s (lossy codecs: + edge_slack)."""
+    check_regions(regions)
+    assert regions, "no speech found"
+    assert regions[0]["start"] >= 6.3 - edge_slack, regions
+    assert regions[-1]["end"] <= SPEECH_END + 0.2 + edge_slack, regions
+    assert covered(regions, SPEECH_START, SPEECH_END) >= 0.85 * (SPEECH_END - SPEECH_START), regions
+
+
+# --- fixtures ------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sample() -> np.ndarray:
+    return read_wav(SAMPLE_WAV)
+
+
+@pytest.fixture(scope="module")
+def limited_server(tmp_path_factory):
+    server = start_server(tmp_path_factory.mktemp("limits"), MAX_UPLOAD_MB="0.5", MAX_UPLOAD_SECONDS="20")
+    yield server
+    stop_server(server)
+
+
+# --- real speech in every container --------------------------------------------------------------------------------
+
+
+def make_upload(kind: str, audio: np.ndarray) -> tuple[bytes, str, float]:
+    """(file bytes, file name, edge slack in seconds) for one container/codec of the 16 kHz speech."""
+    if kind == "wav":
+        return SAMPLE_WAV.read_bytes(), "sample.wav", 0.0
+    if kind == "flac":
+        return wav_bytes(audio, 16000, "FLAC"), "sample.flac", 0.0
+    if kind == "ogg":
+        return wav_bytes(audio, 16000, "OGG", "VORBIS"), "sample.ogg", 0.1
+    if kind == "mp3":
+        return av_encode(audio, 16000, "mp3", mp3_encoder()), "sample.mp3", 0.1
+    if kind == "m4a":
+        return av_encode(audio, 16000, "mp4", aac_encoder()), "sample.m4a", 0.15
+    if kind == "stereo44k":  # left = the speech, right = it at half level
+        x = resample(audio, 16000, 44100)
+        return wav_bytes(np.stack([x, 0.5 * x], axis=1), 44100), "stereo.wav", 0.05
+    if kind == "wav8k":
+        return wav_bytes(resample(audio, 16000, 8000), 8000), "phone.wav", 0.05
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind", ["wav", "flac", "ogg", "mp3", "m4a", "stereo44k", "wav8k"])
+def test_formats_find_the_speech(local_server, sample, kind):
+    data, name, slack = make_upload(kind, sample)
+    r = post_vad(local_server.http, data, name)
+    assert r.status_code == 200, r.text
+    check_sample_speech(r.json(), slack)
+
+
+def test_same_answer_as_in_process_batch(local_server, sample):
+    expected = speech_regions(SileroVad(), sample, VadParams.from_settings(Settings()))
+    r = post_vad(local_server.http, SAMPLE_WAV.read_bytes(), "sample.wav", "audio/wav")
+    assert r.status_code == 200, r.text
+    assert r.json() == expected
+    check_sample_speech(expected)
+
+
+def test_content_type_is_not_trusted(local_server):
+    """A wrong content-type (or file name) on a real WAV still works: the server sniffs the bytes."""
+    data = SAMPLE_WAV.read_bytes()
+    reference = post_vad(local_server.http, data).json()
+    r = post_vad(local_server.http, data, "notes.txt", "text/plain")
+    assert r.status_code == 200, r.text
+    assert r.json() == reference
+
+
+def test_silence_gives_empty_list(local_server):
+    r = post_vad(local_server.http, wav_bytes(np.zeros(16000 * 5, np.float32), 16000))
+    assert r.status_code == 200, r.text
+    assert r.json() == []
+
+
+def test_many_channels_and_high_rates(local_server, sample):
+    eight = np.tile(resample(sample, 16000, 48000)[:, None], (1, 8))
+    r = post_vad(local_server.http, wav_bytes(eight, 48000), "8ch.wav")
+    assert r.status_code == 200, r.text
+    check_sample_speech(r.json(), 0.05)
+    r = post_vad(local_server.http, wav_bytes(resample(sample, 16000, 192000), 192000), "192k.wav")
+    assert r.status_code == 200, r.text
+    check_sample_speech(r.json(), 0.05)
+
+
+# --- bad uploads: a 4xx with a readable reason, never a 5xx --------------------------------------------------------
+
+
+def _wav_without_samples() -> bytes:
+    return wav_bytes(np.zeros(0, np.float32), 16000)
+
+
+def _png() -> bytes:
+    return b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + b"IHDR" + bytes(17) + bytes(200)
+
+
+BAD_UPLOADS = {
+    "empty": (lambda: b"", {400}),
+    "random bytes": (lambda: np.random.default_rng(7).bytes(20000), {415, 422}),
+    "text": (lambda: b"just some notes, not audio at all\n" * 50, {415, 422}),
+    "png": (_png, {415, 422}),
+    "wav header, 0 samples": (_wav_without_samples, {422}),
+    "wav of NaN floats": (lambda: wav_bytes(np.full(16000, np.nan, np.float32), 16000, subtype="FLOAT"), {422}),
+    "wav of infinities": (lambda: wav_bytes(np.full(16000, np.inf, np.float32), 16000, subtype="FLOAT"), {422}),
+    "wav header cut short": (lambda: SAMPLE_WAV.read_bytes()[:30], {415, 422}),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_UPLOADS))
+def test_bad_uploads_are_4xx_with_reason(local_server, name):
+    make, statuses = BAD_UPLOADS[name]
+    r = post_vad(local_server.http, make(), "upload.wav", "audio/wav")
+    assert r.status_code in statuses, (r.status_code, r.text)
+    detail = r.json()["detail"]
+    assert isinstance(detail, str) and detail
+
+
+@pytest.mark.parametrize("kind", ["wav", "mp3"])
+def test_truncated_files_decode_what_is_there_or_4xx(local_server, sample, kind):
+    data = SAMPLE_WAV.read_bytes() if kind == "wav" else av_encode(sample, 16000, "mp3", mp3_encoder())
+    for cut in (len(data) // 2, 700, 64):
+        r = post_vad(local_server.http, data[:cut], f"cut.{kind}")
+        assert r.status_code < 500, (cut, r.status_code, r.text)
+        if r.status_code == 200:
+            regions = check_regions(r.json())
+            assert all(reg["start"] >= 6.2 and reg["end"] <= 30.2 for reg in regions), regions
+        else:
+            assert 400 <= r.status_code < 500 and isinstance(r.json()["detail"], str)
+    # Half of the speech-bearing WAV (0-15 s) holds speech from 6.69 s: it is found.
+    half = post_vad(local_server.http, SAMPLE_WAV.read_bytes()[: len(SAMPLE_WAV.read_bytes()) // 2])
+    if half.status_code == 200:
+        assert covered(half.json(), SPEECH_START, 15.0) >= 0.8 * (15.0 - SPEECH_START)
+
+
+def test_missing_file_field_422(local_server):
+    r = httpx.post(f"{local_server.http}/v1/vad", files={"audio_file": ("a.wav", SAMPLE_WAV.read_bytes())},
+                   timeout=TIMEOUT)
+    assert r.status_code == 422
+    assert r.json()["detail"]  # FastAPI's validation format: a list naming the missing field
+    r = httpx.post(f"{local_server.http}/v1/vad", timeout=TIMEOUT)
+    assert r.status_code == 422
+
+
+# --- limits ----------------------------------------------------------------------------------------------------------
+
+
+def test_upload_limits_413(limited_server, sample):
+    base = limited_server.http
+    # Over MAX_UPLOAD_MB=0.5: the 30 s, 960 kB WAV.
+    r = post_vad(base, SAMPLE_WAV.read_bytes())
+    assert r.status_code == 413, r.text
+    assert isinstance(r.json()["detail"], str)
+    # Over MAX_UPLOAD_SECONDS=20 but under 0.5 MB: 25 s at 8 kHz (400 kB), and the same in an M4A (PyAV's path).
+    long_8k = resample(np.concatenate([sample, sample])[: 16000 * 25], 16000, 8000)
+    r = post_vad(base, wav_bytes(long_8k, 8000), "long.wav")
+    assert r.status_code == 413, r.text
+    assert isinstance(r.json()["detail"], str)
+    r = post_vad(base, av_encode(long_8k, 8000, "mp4", aac_encoder()), "long.m4a")
+    assert r.status_code == 413, r.text
+    # Within both limits: 15 s at 8 kHz (240 kB) works.
+    r = post_vad(base, wav_bytes(long_8k[: 8000 * 15], 8000), "short.wav")
+    assert r.status_code == 200, r.text
+    check_regions(r.json())
+    assert covered(r.json(), SPEECH_START, 15.0) >= 0.8 * (15.0 - SPEECH_START)
+
+
+# --- quality on AMI, through HTTP ------------------------------------------------------------------------------------
+
+
+def _load_vad_der():
+    spec = importlib.util.spec_from_file_location("bench_vad_der", REPO / "bench" / "vad_der.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ami_detection_error_through_http(local_server):
+    """Pooled detection error of `/v1/vad` over the nine AMI excerpts (10 ms grid, no collar, train.uem) <= 0.12."""
+    der = _load_vad_der()
+    turns, uem = der.read_rttm(AMI / "train.rttm"), der.read_uem(AMI / "train.uem")
+    assert len(uem) == 9
+    missed = false_alarm = total = 0.0
+    with httpx.Client(timeout=TIMEOUT) as client:
+        for name in sorted(uem):
+            r = client.post(f"{local_server.http}/v1/vad",
+                            files={"file": (f"{name}.wav", (AMI / f"{name}.wav").read_bytes(), "audio/wav")})
+            assert r.status_code == 200, r.text
+            regions = check_regions(r.json())
+            m, f, t = der.detection_error(turns[name], [(x["start"], x["end"]) for x in regions], uem[name])
+            missed, false_alarm, total = missed + m, false_alarm + f, total + t
+    error = (missed + false_alarm) / total
+    print(f"AMI /v1/vad detection error={error:.4f} missed={missed / total:.4f} false_alarm={false_alarm / total:.4f}")
+    assert error <= 0.12
+
+
+# --- health and docs -------------------------------------------------------------------------------------------------
+
+
+def test_health_ready_docs(local_server):
+    base = local_server.http
+    r = httpx.get(f"{base}/health")
+    assert r.status_code == 200 and r.json() == {"status": "ok"}
+    r = httpx.get(f"{base}/ready")
+    assert r.status_code == 200 and r.json()["ready"] is True
+    r = httpx.get(f"{base}/docs")
+    assert r.status_code == 200 and "text/html" in r.headers["content-type"]
+    r = httpx.get(f"{base}/openapi.json")
+    assert r.status_code == 200
+    assert "post" in r.json()["paths"]["/v1/vad"]
+
+
+def test_decoding_memory_is_bounded_by_the_16k_mono_result():
+    """A small FLAC of 8 channels at 48 kHz (2 min of silence: ~50 kB) must not expand to 8 x 48 kHz floats: the
+    decoder downmixes and resamples block by block, so peak memory is about the 16 kHz mono result."""
+    import tracemalloc
+
+    from streaming.audiofile import decode_audio_file
+
+    data = wav_bytes(np.zeros((48000 * 120, 8), np.int16), 48000, "FLAC")
+    assert len(data) < 200_000
+    tracemalloc.start()
+    try:
+        audio = decode_audio_file(data, 4 * 3600)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert audio.shape == (16000 * 120,) and audio.dtype == np.float32
+    assert peak < 3 * audio.nbytes + 16_000_000, peak  # the whole-file read took 8 x 48k x 120 x 4 = 184 MB
