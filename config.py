@@ -33,6 +33,14 @@ class Settings(BaseSettings):
     huggingface_token: SecretStr | None = None
     vad_backend: Literal["silero", "pyannote"] = "silero"
     pyannote_segmentation: str = "pyannote/segmentation-3.0"  # Hugging Face id or local checkpoint path
+    speaker_backend: Literal["resemblyzer", "speechbrain"] = "resemblyzer"
+    speechbrain_model: str = "speechbrain/spkrec-ecapa-voxceleb"  # Hugging Face id or local directory
+    lazy_models: bool = False  # load models on first use instead of at start-up
+
+    # --- the shared model pool ---
+    pool_max_batch: int = 32
+    pool_max_wait_ms: float = 10.0
+    pool_queue_size: int = 2048
 
     # --- streaming VAD (defaults tuned on the AMI excerpts, see README "Voice activity detection") ---
     vad_onset: float = 0.4
