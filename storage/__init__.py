@@ -1,0 +1,19 @@
+"""Storage behind one repository interface (`storage.base.Storage`); `open_storage(settings)` picks the backend."""
+
+from __future__ import annotations
+
+from config import Settings
+from storage.base import SpeakerProfile, Storage
+
+__all__ = ["SpeakerProfile", "Storage", "open_storage"]
+
+
+async def open_storage(settings: Settings) -> Storage:
+    if settings.database_choice == "sqlite":
+        from storage.sqlite import SqliteStorage
+
+        store: Storage = SqliteStorage(settings.sqlite_path)
+    else:
+        raise ValueError(f"DATABASE_CHOICE={settings.database_choice} is not available yet (only sqlite)")
+    await store.open()
+    return store
