@@ -14,6 +14,7 @@ import hmac
 import ipaddress
 import logging
 import re
+from dataclasses import dataclass
 
 from config import Settings
 
@@ -24,6 +25,12 @@ _UID = re.compile(r"^[A-Za-z0-9_\-.:@]{1,128}$")
 
 class AuthError(Exception):
     """Refused. The message is safe to show the client (it never echoes the credential)."""
+
+
+@dataclass(frozen=True)
+class Caller:
+    uid: str | None  # None only for an admin acting for no particular user
+    admin: bool = False
 
 
 def is_loopback(host: str | None) -> bool:
@@ -60,15 +67,22 @@ class Authenticator:
             )
 
     async def uid_for(self, authorization: str | None, client_host: str | None) -> str:
+        caller = await self.caller(authorization, client_host)
+        if caller.uid is None:
+            raise AuthError("the admin key needs a uid: 'Authorization: <ADMIN_KEY><uid>'")
+        return caller.uid
+
+    async def caller(self, authorization: str | None, client_host: str | None) -> Caller:
         header = (authorization or "").strip()
         if not header:
             raise AuthError("missing Authorization header")
         key = self._admin_key
         # Bytes, not str: compare_digest raises TypeError on non-ASCII str, and headers are decoded as latin-1.
-        if key is not None and len(header) > len(key) and hmac.compare_digest(
+        if key is not None and len(header) >= len(key) and hmac.compare_digest(
             header[: len(key)].encode("utf-8", "surrogateescape"), key.encode("utf-8", "surrogateescape")
         ):
-            return self._checked_uid(header[len(key) :])
+            rest = header[len(key) :]
+            return Caller(self._checked_uid(rest) if rest else None, admin=True)
         scheme, _, value = header.partition(" ")
         if scheme.lower() != "bearer" or not value.strip():
             raise AuthError("expected 'Authorization: Bearer <token>'")
@@ -80,11 +94,11 @@ class Authenticator:
                 claims = await asyncio.to_thread(fb_auth.verify_id_token, value, self._firebase)
             except Exception as exc:  # invalid, expired, revoked, wrong project: all the same to the client
                 raise AuthError(f"invalid token ({type(exc).__name__})") from None
-            return self._checked_uid(claims["uid"])
+            return Caller(self._checked_uid(claims["uid"]))
         if self.open_loopback:
             if not is_loopback(client_host):
                 raise AuthError("unauthenticated mode accepts loopback clients only")
-            return self._checked_uid(value)
+            return Caller(self._checked_uid(value))
         raise AuthError("invalid credentials")
 
     @staticmethod

@@ -25,10 +25,14 @@ from starlette.websockets import WebSocketDisconnect, WebSocketState  # noqa: E4
 import batch_routes  # noqa: E402
 from auth import Authenticator, AuthError  # noqa: E402
 from config import Settings, get_settings  # noqa: E402
+from storage import open_storage  # noqa: E402
 from streaming.codecs import make_decoder  # noqa: E402
-from streaming.pipeline import Pipeline  # noqa: E402
-from streaming.protocol import CloseCode, ErrorEvent, ListenParams, ServiceStatusEvent  # noqa: E402
+from streaming.pipeline import Pipeline, SegmentIdentifier  # noqa: E402
+from streaming.pool import ModelPool  # noqa: E402
+from streaming.protocol import CloseCode, ErrorEvent, ListenParams, ServiceStatusEvent, SpeakerAssigned  # noqa: E402
+from streaming.speaker import MATCH_RULES, ProfileIndex  # noqa: E402
 from streaming.stt import SttError, SttFactory  # noqa: E402
+from streaming.tagging import WINDOW_S, SpeakerTagger  # noqa: E402
 from streaming.vad import VadParams, load_vad_backend  # noqa: E402
 
 log = logging.getLogger("server")
@@ -50,10 +54,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await asyncio.to_thread(st.vad_backend.speech_probs, st.vad_backend.new_state(),
                                 np.zeros(st.vad_backend.chunk_samples, np.float32))
         st.stt_factory = await asyncio.to_thread(SttFactory, s)
+        st.storage = await open_storage(s)
+        st.pool = await ModelPool.create(s)
+        st.identifier = SegmentIdentifier(st.pool, st.vad_backend, st.vad_params, MATCH_RULES)
         st.ready = True
         log.info("ready: vad=%s stt=%s device=%s", st.vad_backend.name, st.stt_factory.backend, s.model_device)
         yield
         st.ready = False
+        await st.pool.close()
+        await st.storage.close()
 
     app = FastAPI(title="Omi unified audio server", version="0.1.0", lifespan=lifespan)
     app.include_router(batch_routes.router)
@@ -65,12 +74,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.get("/ready", summary="Models loaded and accepting streams")
     async def ready() -> JSONResponse:
         st = app.state
-        ok = getattr(st, "ready", False) and st.active_streams < st.settings.max_streams
+        if not getattr(st, "ready", False):
+            return JSONResponse({"ready": False, "reason": "starting"}, status_code=503)
+        storage_ok = await st.storage.ping()
+        ok = storage_ok and st.active_streams < st.settings.max_streams and not st.pool.saturated
         body = {
             "ready": ok,
-            "vad": getattr(getattr(st, "vad_backend", None), "name", None),
-            "stt": getattr(getattr(st, "stt_factory", None), "backend", None),
-            "active_streams": getattr(st, "active_streams", 0),
+            "vad": st.vad_backend.name,
+            "stt": st.stt_factory.backend,
+            "speaker": st.pool.embedder_name,
+            "storage": storage_ok,
+            "pool": st.pool.stats(),
+            "pool_saturated": st.pool.saturated,
+            "active_streams": st.active_streams,
         }
         return JSONResponse(body, status_code=200 if ok else 503)
 
@@ -132,7 +148,7 @@ async def listen(websocket: WebSocket) -> None:
                                              websocket.client.host if websocket.client else None)
     except AuthError as exc:
         return await _refuse(client, CloseCode.POLICY, "unauthorized", str(exc))
-    if st.active_streams >= s.max_streams:
+    if st.active_streams >= s.max_streams or not await _pool_has_room(st.pool):
         return await _refuse(client, CloseCode.TRY_AGAIN_LATER, "server_full", "server full, retry in 5 s")
 
     st.active_streams += 1
@@ -140,6 +156,22 @@ async def listen(websocket: WebSocket) -> None:
         await _serve_stream(client, params, uid, st, s)
     finally:
         st.active_streams -= 1
+
+
+async def _pool_has_room(pool: ModelPool, wait_s: float = 2.0) -> bool:
+    """A saturated pool makes a new stream wait briefly for room, then refuses it (never a slow crawl)."""
+    deadline = time.monotonic() + wait_s
+    while pool.saturated:
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(0.1)
+    return True
+
+
+async def _speaker_tagger(st: Any, uid: str, params: ListenParams) -> SpeakerTagger:
+    profiles = await st.storage.list_profiles(uid) if params.include_speech_profile else []
+    index = ProfileIndex.from_profiles(profiles, st.pool.embedder_name)
+    return SpeakerTagger(st.pool, index, MATCH_RULES)
 
 
 async def _serve_stream(client: _Client, params: ListenParams, uid: str, st: Any, s: Settings) -> None:
@@ -155,6 +187,7 @@ async def _serve_stream(client: _Client, params: ListenParams, uid: str, st: Any
         stt_factory=st.stt_factory,
         language=params.language,
         emit=client.send_json,
+        tagger=await _speaker_tagger(st, uid, params),
         keepalive_s=s.deepgram_keepalive_s,
     )
     await client.send_json(ServiceStatusEvent(status="stt_initiating", status_text="STT starting").model_dump())
@@ -169,7 +202,7 @@ async def _serve_stream(client: _Client, params: ListenParams, uid: str, st: Any
     heartbeat = asyncio.create_task(_heartbeat(client, s.heartbeat_s))
     close_code = CloseCode.NORMAL
     try:
-        close_code = await _receive_loop(client, pipeline, s)
+        close_code = await _receive_loop(client, pipeline, s, lambda text: _command(client, pipeline, st, uid, text))
     finally:
         heartbeat.cancel()
         await pipeline.finish()
@@ -178,7 +211,7 @@ async def _serve_stream(client: _Client, params: ListenParams, uid: str, st: Any
         await client.close(close_code)
 
 
-async def _receive_loop(client: _Client, pipeline: Pipeline, s: Settings) -> int:
+async def _receive_loop(client: _Client, pipeline: Pipeline, s: Settings, on_text) -> int:
     """Returns the close code to end with. Idle means no audio for IDLE_TIMEOUT_S (text frames don't count)."""
     last_audio = time.monotonic()
     while True:
@@ -209,20 +242,37 @@ async def _receive_loop(client: _Client, pipeline: Pipeline, s: Settings) -> int
                 await client.send_json(ErrorEvent(code="stt_unavailable", message=str(exc)).model_dump())
                 return CloseCode.SERVER_ERROR
         elif message.get("text") is not None:
-            await _command(client, message["text"])
+            await on_text(message["text"])
 
 
-async def _command(client: _Client, text: str) -> None:
+async def _command(client: _Client, pipeline: Pipeline, st: Any, uid: str, text: str) -> None:
     """JSON commands from the client. Unknown or malformed text is ignored with a logged warning (Omi's rule)."""
     try:
         command = json.loads(text)
         kind = command.get("type") if isinstance(command, dict) else None
     except ValueError:
-        kind = None
-    if kind == "speaker_assigned":
-        log.info("speaker_assigned received; speaker tagging is not built yet")  # issue 3
-    else:
+        command, kind = None, None
+    if kind != "speaker_assigned":
         log.warning("ignoring text frame of %d chars (type=%r)", len(text), kind)
+        return
+    try:
+        assigned = SpeakerAssigned.model_validate(command)
+    except ValidationError as exc:
+        await client.send_json(ErrorEvent(code="bad_command", message=f"speaker_assigned: {exc.errors()[0]['msg']}")
+                               .model_dump())
+        return
+    person = await st.storage.get_profile(uid, assigned.person_id)
+    if person is None or person.kind != "person":
+        await client.send_json(ErrorEvent(code="bad_command", message="speaker_assigned: unknown person_id")
+                               .model_dump())
+        return
+    try:
+        _, embeddings = await pipeline.assign_speaker(assigned.speaker_id, assigned.person_id)
+    except ValueError as exc:
+        await client.send_json(ErrorEvent(code="bad_command", message=f"speaker_assigned: {exc}").model_dump())
+        return
+    if len(embeddings) and person.model == st.pool.embedder_name:
+        await st.storage.add_profile_embeddings(uid, person.id, embeddings, len(embeddings) * WINDOW_S)
 
 
 async def _heartbeat(client: _Client, every_s: float) -> None:

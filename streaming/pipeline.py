@@ -19,7 +19,9 @@ import numpy as np
 
 from streaming.codecs import DecodeError, FrameDecoder
 from streaming.protocol import ErrorEvent, TranscriptSegment
+from streaming.speaker import MatchRules, ProfileIndex
 from streaming.stt import SAMPLE_RATE, SentTimeline, SttFactory, SttSession, Transcript
+from streaming.tagging import MIN_WINDOW_S, SpeakerLabel, SpeakerTagger
 from streaming.vad import SpeechAudio, SpeechEnd, StreamingVAD, VadBackend, VadEvent, VadParams, detect_regions
 
 log = logging.getLogger(__name__)
@@ -30,8 +32,9 @@ Emit = Callable[[Any], Awaitable[None]]  # sends one JSON message (a list of seg
 class SegmentBuilder:
     """Turns final transcripts into Omi transcript segments. Pure: no I/O.
 
-    A segment collects the words of one utterance; it grows (same `id`, sent again) until the STT backend marks
-    the utterance ended (`speech_final`, which the pipeline provokes with Finalize at the end of each speech region).
+    A segment collects consecutive words of one speaker in one utterance; it grows (same `id`, sent again) until
+    the speaker changes or the STT backend marks the utterance ended (`speech_final`, which the pipeline provokes
+    with Finalize at the end of each speech region).
     """
 
     def __init__(self, timeline: SentTimeline) -> None:
@@ -39,22 +42,41 @@ class SegmentBuilder:
         self._current: TranscriptSegment | None = None
         self.segments: list[TranscriptSegment] = []
 
-    def add(self, transcript: Transcript) -> list[TranscriptSegment]:
+    def add(self, transcript: Transcript, labels: list[SpeakerLabel] | None = None) -> list[TranscriptSegment]:
         changed: list[TranscriptSegment] = []
-        words = [w for w in transcript.words if w.text.strip()] if transcript.is_final else []
-        if words:
-            to_stream = self._timeline.to_stream
-            text = " ".join(w.text.strip() for w in words)
-            start, end = to_stream(words[0].start), to_stream(words[-1].end, is_end=True)
-            if self._current is None:
-                self._current = TranscriptSegment(id=str(uuid.uuid4()), text=text, start=start, end=end)
-                self.segments.append(self._current)
+        words = list(transcript.words) if transcript.is_final else []
+        labels = labels if labels is not None else [SpeakerLabel(0)] * len(words)
+        to_stream = self._timeline.to_stream
+        for word, label in zip(words, labels, strict=True):
+            text = word.text.strip()
+            if not text:
+                continue
+            start, end = to_stream(word.start), to_stream(word.end, is_end=True)
+            seg = self._current
+            if seg is None or seg.speaker_id != label.speaker_id:
+                seg = TranscriptSegment(id=str(uuid.uuid4()), text=text, start=start, end=end,
+                                        speaker=label.speaker, speaker_id=label.speaker_id,
+                                        is_user=label.is_user, person_id=label.person_id)
+                self._current = seg
+                self.segments.append(seg)
             else:
-                self._current.text = f"{self._current.text} {text}"
-                self._current.end = max(self._current.end, end)
-            changed.append(self._current)
+                seg.text = f"{seg.text} {text}"
+                seg.end = max(seg.end, end)
+            if not changed or changed[-1] is not seg:
+                changed.append(seg)
         if transcript.speech_final:
             self._current = None
+        return changed
+
+    def relabel(self, speaker_id: int, label: SpeakerLabel, recent: int = 200) -> list[TranscriptSegment]:
+        """Segments labelled `speaker_id` are now `label` (clusters merged, or a cluster identified): update the
+        recent ones; the client upserts them by id."""
+        changed = []
+        new = (label.speaker_id, label.speaker, label.is_user, label.person_id)
+        for seg in self.segments[-recent:]:
+            if seg.speaker_id == speaker_id and (seg.speaker_id, seg.speaker, seg.is_user, seg.person_id) != new:
+                seg.speaker_id, seg.speaker, seg.is_user, seg.person_id = new
+                changed.append(seg)
         return changed
 
 
@@ -81,6 +103,7 @@ class Pipeline:
         stt_factory: SttFactory,
         language: str,
         emit: Emit,
+        tagger: SpeakerTagger | None = None,
         keepalive_s: float = 5.0,
     ) -> None:
         self._decoder = decoder
@@ -90,6 +113,7 @@ class Pipeline:
         self.segments = SegmentBuilder(self.timeline)
         self.stt: SttSession = stt_factory.session(self._on_transcript, language)
         self.stats = PipelineStats()
+        self.tagger = tagger
         self._keepalive_s = keepalive_s
         self._last_sent = time.monotonic()
         self._keepalive_task: asyncio.Task | None = None
@@ -135,6 +159,8 @@ class Pipeline:
         for ev in events:
             if isinstance(ev, SpeechAudio):
                 self.timeline.append(ev.start, len(ev.audio))
+                if self.tagger is not None:
+                    self.tagger.add_audio(ev.audio)
                 self.stats.sent_samples += len(ev.audio)
                 self._last_sent = time.monotonic()
                 await self.stt.send(ev.audio)
@@ -156,9 +182,30 @@ class Pipeline:
                 self._last_sent = time.monotonic()
 
     async def _on_transcript(self, transcript: Transcript) -> None:
-        changed = self.segments.add(transcript)
+        labels, relabels = None, {}
+        words = [w for w in transcript.words if w.text.strip()] if transcript.is_final else []
+        if self.tagger is not None and words:
+            try:
+                labels, relabels = await self.tagger.label_words(words)
+            except Exception as exc:  # a saturated pool or a model error must not lose the transcript
+                log.warning("speaker tagging failed, sending unlabelled: %s", exc)
+        changed = []
+        for speaker_id, label in relabels.items():  # earlier segments first, so the new words extend them
+            changed += [s for s in self.segments.relabel(speaker_id, label) if s not in changed]
+        transcript = Transcript(tuple(words), transcript.is_final, transcript.speech_final)
+        changed += [s for s in self.segments.add(transcript, labels) if s not in changed]
         if changed:
             await self._emit([s.model_dump() for s in changed])
+
+    async def assign_speaker(self, speaker_id: int, person_id: str) -> tuple[list, np.ndarray]:
+        """The client's `speaker_assigned`: relabel the cluster's segments; returns them and its embeddings."""
+        if self.tagger is None:
+            return [], np.zeros((0, 0), np.float32)
+        embeddings = self.tagger.assign(speaker_id, person_id)
+        changed = self.segments.relabel(speaker_id, self.tagger.label(speaker_id))
+        if changed:
+            await self._emit([s.model_dump() for s in changed])
+        return changed, embeddings
 
 
 # --- batch mode -------------------------------------------------------------------------------------------------
@@ -171,3 +218,45 @@ def speech_regions(backend: VadBackend, audio: np.ndarray, params: VadParams) ->
         start, end = round(s / SAMPLE_RATE, 3), round(e / SAMPLE_RATE, 3)
         out.append({"start": start, "end": end, "duration": round(end - start, 3)})
     return out
+
+
+class SegmentIdentifier:
+    """`/v1/speaker-identification`: the live tagger's windows and matching rules over given segments of a file.
+
+    Shared (one per app), stateless between calls."""
+
+    def __init__(self, pool, vad_backend: VadBackend, vad_params: VadParams, rules: MatchRules) -> None:
+        self._pool = pool
+        self._vad_backend = vad_backend
+        self._vad_params = vad_params
+        self.rules = rules
+
+    def _windows(self, audio: np.ndarray, spans: list[tuple[float, float]]) -> list[tuple[list[np.ndarray], float]]:
+        """Blocking: per segment, its speech (VAD-trimmed) as one clip ([] if too little), and its seconds."""
+        out = []
+        for start, end in spans:
+            clip = audio[int(start * SAMPLE_RATE) : int(end * SAMPLE_RATE)]
+            regions = detect_regions(self._vad_backend, clip, self._vad_params) if len(clip) else []
+            speech = np.concatenate([clip[s:e] for s, e in regions]) if regions else clip[:0]
+            seconds = len(speech) / SAMPLE_RATE
+            if seconds < MIN_WINDOW_S:
+                out.append(([], seconds))
+                continue
+            out.append(([speech], seconds))  # the whole speech: the embedder averages its own windows over it
+        return out
+
+    async def identify(self, audio: np.ndarray, spans: list[tuple[float, float]],
+                       index: ProfileIndex) -> list[dict[str, Any]]:
+        windows = await asyncio.to_thread(self._windows, audio, spans)
+        flat = [w for ws, _ in windows for w in ws]
+        embeddings = await self._pool.embed_many(flat) if flat and len(index) else None
+        results, i = [], 0
+        for ws, seconds in windows:
+            match = None
+            if ws and embeddings is not None:
+                mean = embeddings[i : i + len(ws)].mean(axis=0)
+                match = index.match(mean / max(float(np.linalg.norm(mean)), 1e-9), seconds, self.rules)
+            i += len(ws)
+            results.append({"is_user": bool(match and match.kind == "user"),
+                            "person_id": match.profile_id if match and match.kind == "person" else None})
+        return results

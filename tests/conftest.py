@@ -159,7 +159,10 @@ async def stream_frames(url: str, frames: list[bytes | str], headers: dict[str, 
             for frame in frames:
                 if task.done():
                     break
-                await ws.send(frame)
+                try:
+                    await ws.send(frame)
+                except ConnectionClosed:  # the server closed mid-stream: collect what it said
+                    break
                 if pace_s:
                     await asyncio.sleep(pace_s)
             deadline = asyncio.get_running_loop().time() + timeout_s

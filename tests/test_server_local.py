@@ -28,7 +28,7 @@ def check_segments(result, time_offset: float = 0.0, slack: float = 0.5) -> list
     assert segments, f"no segments; events={result.events}"
     for seg in segments:
         assert set(seg) == {"id", "text", "speaker", "speaker_id", "is_user", "person_id", "start", "end"}
-        assert seg["speaker"] == "SPEAKER_0" and seg["speaker_id"] == 0 and seg["is_user"] is False
+        assert seg["speaker"] == f"SPEAKER_{seg['speaker_id']}" and seg["is_user"] is False
         assert SPEECH_START - 0.5 - slack <= seg["start"] - time_offset < seg["end"] - time_offset <= 30.5 + slack
     for a, b in zip(segments, segments[1:], strict=False):
         assert a["end"] <= b["start"] + 1e-6

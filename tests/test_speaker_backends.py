@@ -1,0 +1,343 @@
+"""Speaker embedding backends (streaming/speaker.py).
+
+Resemblyzer (weights in its wheel): exactness of the cross-clip batching against `VoiceEncoder.embed_utterance`, and
+real quality on real speech: same-speaker clips are closer than different-speaker clips on sample.wav and across the
+AMI recordings trn07/trn08 (same four people). SpeechBrain: the real loader on a small ECAPA-TDNN model this test
+builds and saves itself (random weights: shapes, norms, determinism and batch == single, not quality).
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from config import Settings
+from streaming.speaker import SAMPLE_RATE, ResemblyzerEmbedder, SpeakerEmbedder, SpeechBrainEmbedder, load_embedder
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+AMI = DATA / "ami-debug"
+
+
+def read(path: Path) -> np.ndarray:
+    audio, sr = sf.read(path, dtype="float32")
+    assert sr == SAMPLE_RATE and audio.ndim == 1
+    return audio
+
+
+def single_speaker_turns(rttm: Path, name: str) -> list[tuple[float, float, str]]:
+    """The parts of each reference turn of `name` where nobody else speaks, as (start s, end s, speaker)."""
+    turns = []
+    for line in rttm.read_text(encoding="utf-8").splitlines():
+        f = line.split()
+        if f and f[0] == "SPEAKER" and f[1] == name:
+            turns.append((float(f[3]), float(f[3]) + float(f[4]), f[7]))
+    out = []
+    for s, e, spk in turns:
+        pieces = [(s, e)]
+        for s2, e2, spk2 in turns:
+            if spk2 == spk or e2 <= s or s2 >= e:
+                continue
+            pieces = [p for a, b in pieces for p in ((a, min(b, s2)), (max(a, e2), b)) if p[1] > p[0]]
+        out += [(a, b, spk) for a, b in pieces]
+    return sorted(out)
+
+
+def clips_of(audio: np.ndarray, turns, min_s: float, max_s: float = 3.0) -> list[tuple[str, np.ndarray]]:
+    """Each single-speaker turn of at least min_s seconds, cut into equal clips of at most max_s seconds."""
+    out = []
+    for s, e, spk in turns:
+        if e - s < min_s:
+            continue
+        n = int(np.ceil((e - s) / max_s))
+        step = (e - s) / n
+        for k in range(n):
+            out.append((spk, audio[int((s + k * step) * SAMPLE_RATE) : int((s + (k + 1) * step) * SAMPLE_RATE)]))
+    return out
+
+
+def similarity_report(emb_a, spk_a, emb_b=None, spk_b=None) -> tuple[float, float, float, str]:
+    """Cosines of same-speaker and different-speaker pairs, within one set or across two sets: (mean same, mean
+    different, share of (same, different) pair couples where the same-speaker pair is the closer one, a summary)."""
+    cross = emb_b is not None
+    emb_b, spk_b = (emb_b, spk_b) if cross else (emb_a, spk_a)
+    sims = emb_a @ emb_b.T
+    same, diff = [], []
+    for i in range(len(spk_a)):
+        for j in range(len(spk_b)) if cross else range(i + 1, len(spk_b)):
+            (same if spk_a[i] == spk_b[j] else diff).append(sims[i, j])
+    assert same and diff
+    m_same, m_diff = float(np.mean(same)), float(np.mean(diff))
+    ordered = float(np.mean(np.asarray(same)[:, None] > np.asarray(diff)[None, :]))
+    text = (
+        f"mean cosine same speaker {m_same:.3f} ({len(same)} pairs), different {m_diff:.3f} ({len(diff)} pairs), "
+        f"gap {m_same - m_diff:.3f}; same pair closer than different pair in {ordered:.0%} of couples"
+    )
+    return m_same, m_diff, ordered, text
+
+
+# --- resemblyzer -------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def resemblyzer() -> SpeakerEmbedder:
+    # CPU: the exactness checks compare with resemblyzer's own CPU code (a GPU's cuDNN LSTM may round differently)
+    embedder = load_embedder(Settings(_env_file=None, speaker_backend="resemblyzer", model_device="cpu"))
+    assert isinstance(embedder, ResemblyzerEmbedder)
+    embedder.warm_up()
+    return embedder
+
+
+@pytest.fixture(scope="module")
+def sample() -> np.ndarray:
+    return read(DATA / "sample.wav")
+
+
+def test_resemblyzer_batch_equals_embed_utterance(resemblyzer, sample):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from resemblyzer import VoiceEncoder
+        from resemblyzer.audio import normalize_volume
+
+    reference = VoiceEncoder("cpu", verbose=False)
+    # lengths: the minimum, under one partial, exactly one partial, between, several partials (one 7.5 s clip)
+    lengths_s = [0.75, 1.0, 1.6, 2.0, 2.37, 3.0, 4.4, 7.5]
+    clips = [sample[int((6 + 2.5 * i) * SAMPLE_RATE) :][: int(s * SAMPLE_RATE)] for i, s in enumerate(lengths_s)]
+    clips.append(0.01 * sample[: 2 * SAMPLE_RATE])  # quiet: volume normalisation raises it
+    expected = np.stack([reference.embed_utterance(normalize_volume(c, -30, increase_only=True)) for c in clips])
+
+    batched = resemblyzer.embed_batch(clips)
+    assert batched.shape == (len(clips), 256) and batched.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(batched, axis=1), 1.0, atol=1e-5)
+    assert np.abs(batched - expected).max() < 1e-4
+    one_by_one = np.concatenate([resemblyzer.embed_batch([c]) for c in clips])
+    assert np.abs(one_by_one - batched).max() < 1e-4
+    # a batch split over several forward passes (3 partials per pass) gives the same
+    small = ResemblyzerEmbedder(max_partials=3)
+    assert np.abs(small.embed_batch(clips) - batched).max() < 1e-4
+
+
+def test_resemblyzer_inputs(resemblyzer, sample):
+    assert resemblyzer.embed_batch([]).shape == (0, resemblyzer.dim)
+    clip = sample[10 * SAMPLE_RATE : 12 * SAMPLE_RATE]
+    as64 = resemblyzer.embed_batch([clip.astype(np.float64)])
+    assert as64.dtype == np.float32
+    assert np.abs(as64 - resemblyzer.embed_batch([clip])).max() < 1e-5
+    assert resemblyzer.embed_batch([clip[: resemblyzer.min_samples]]).shape == (1, 256)
+    with pytest.raises(ValueError, match="shorter"):
+        resemblyzer.embed_batch([clip, clip[: resemblyzer.min_samples - 1]])
+    with pytest.raises(ValueError, match="mono"):
+        resemblyzer.embed_batch([np.stack([clip, clip], axis=1)])
+    bad = clip.copy()
+    bad[100] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        resemblyzer.embed_batch([bad])
+    silent = resemblyzer.embed_batch([np.zeros(SAMPLE_RATE, np.float32)])
+    assert np.isfinite(silent).all() and abs(np.linalg.norm(silent) - 1.0) < 1e-5
+
+
+def test_resemblyzer_quality_sample_wav(resemblyzer, sample):
+    clips = clips_of(sample, single_speaker_turns(DATA / "sample.rttm", "sample"), min_s=1.5)
+    spk = [s for s, _ in clips]
+    assert len(set(spk)) == 2 and len(clips) >= 8
+    emb = resemblyzer.embed_batch([c for _, c in clips])
+    same, diff, ordered, text = similarity_report(emb, spk)
+    # leave-one-out: each clip against the two speakers' centroids of the other clips
+    right = 0
+    for i, own in enumerate(spk):
+        scores = {}
+        for who in set(spk):
+            rows = [j for j, s in enumerate(spk) if s == who and j != i]
+            centroid = emb[rows].mean(axis=0)
+            scores[who] = float(emb[i] @ centroid / np.linalg.norm(centroid))
+        right += max(scores, key=scores.get) == own
+    msg = f"sample.wav, {len(clips)} clips of 1.5-3 s: {text}; nearest centroid right for {right}/{len(clips)}"
+    print(msg)
+    assert same - diff > 0.1 and ordered > 0.9 and right == len(clips), msg
+
+
+def test_resemblyzer_quality_ami_across_files(resemblyzer):
+    """Enrol-in-one, identify-in-the-other: trn07 and trn08 share four speakers. Far-field meeting audio with much
+    overlap leaves few clean stretches, so clips from 0.8 s: the only same-speaker pairs across the files are
+    FEE087's; FEE088 and MEO086 give different-speaker pairs."""
+    sets = []
+    for name in ("trn07", "trn08"):
+        clips = clips_of(read(AMI / f"{name}.wav"), single_speaker_turns(AMI / "train.rttm", name), min_s=0.8)
+        sets.append(([s for s, _ in clips], resemblyzer.embed_batch([c for _, c in clips])))
+    (spk7, emb7), (spk8, emb8) = sets
+    same, diff, ordered, text = similarity_report(emb7, spk7, emb8, spk8)
+    msg = f"trn07 x trn08, clips of 0.8-3 s ({len(spk7)} x {len(spk8)}): {text}"
+    print(msg)
+    assert same - diff > 0.1 and ordered > 0.8, msg
+
+
+def test_resemblyzer_batching_is_faster(resemblyzer, sample):
+    clips = [sample[int(s * SAMPLE_RATE) :][: 2 * SAMPLE_RATE] for s in np.linspace(0, 27, 32)]
+
+    def per_clip_ms(batch: int) -> float:
+        best = float("inf")
+        for _ in range(2):
+            t = time.perf_counter()
+            for i in range(0, len(clips), batch):
+                resemblyzer.embed_batch(clips[i : i + batch])
+            best = min(best, (time.perf_counter() - t) / len(clips) * 1000)
+        return best
+
+    single, batched = per_clip_ms(1), per_clip_ms(32)
+    msg = f"resemblyzer, 2 s clips: {single:.1f} ms/clip one at a time, {batched:.1f} ms/clip in batches of 32"
+    print(msg)
+    assert batched < 0.8 * single, msg
+
+
+# --- speechbrain: the real loader on a small model built here ----------------------------------------------------
+
+# Laid out like speechbrain/spkrec-ecapa-voxceleb's hyperparams.yaml (same keys, same pretrainer paths through
+# `pretrained_path`, which points at the Hugging Face id as in the real file: the loader must redirect it to the
+# local directory and never go to the network), with a small ECAPA-TDNN (same kernels and dilations, few channels).
+SMALL_ECAPA_YAML = """\
+n_mels: 80
+pretrained_path: speechbrain/spkrec-ecapa-voxceleb
+out_n_neurons: 4
+
+compute_features: !new:speechbrain.lobes.features.Fbank
+    n_mels: !ref <n_mels>
+
+mean_var_norm: !new:speechbrain.processing.features.InputNormalization
+    norm_type: sentence
+    std_norm: False
+
+embedding_model: !new:speechbrain.lobes.models.ECAPA_TDNN.ECAPA_TDNN
+    input_size: !ref <n_mels>
+    channels: [32, 32, 32, 32, 96]
+    kernel_sizes: [5, 3, 3, 3, 1]
+    dilations: [1, 2, 3, 4, 1]
+    attention_channels: 16
+    se_channels: 16
+    lin_neurons: 32
+
+classifier: !new:speechbrain.lobes.models.ECAPA_TDNN.Classifier
+    input_size: 32
+    out_neurons: !ref <out_n_neurons>
+
+mean_var_norm_emb: !new:speechbrain.processing.features.InputNormalization
+    norm_type: global
+    std_norm: False
+
+modules:
+    compute_features: !ref <compute_features>
+    mean_var_norm: !ref <mean_var_norm>
+    embedding_model: !ref <embedding_model>
+    mean_var_norm_emb: !ref <mean_var_norm_emb>
+    classifier: !ref <classifier>
+
+label_encoder: !new:speechbrain.dataio.encoder.CategoricalEncoder
+
+pretrainer: !new:speechbrain.utils.parameter_transfer.Pretrainer
+    loadables:
+        embedding_model: !ref <embedding_model>
+        mean_var_norm_emb: !ref <mean_var_norm_emb>
+        classifier: !ref <classifier>
+        label_encoder: !ref <label_encoder>
+    paths:
+        embedding_model: !ref <pretrained_path>/embedding_model.ckpt
+        mean_var_norm_emb: !ref <pretrained_path>/mean_var_norm_emb.ckpt
+        classifier: !ref <pretrained_path>/classifier.ckpt
+        label_encoder: !ref <pretrained_path>/label_encoder.txt
+"""
+
+
+def build_small_ecapa(directory: Path) -> dict:
+    """Writes hyperparams.yaml and the checkpoint files its pretrainer expects; returns the saved embedding model
+    state dict (to check the loader really loaded it)."""
+    import torch
+    from hyperpyyaml import load_hyperpyyaml
+
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "hyperparams.yaml").write_text(SMALL_ECAPA_YAML, encoding="utf-8")
+    torch.manual_seed(1234)
+    hp = load_hyperpyyaml(SMALL_ECAPA_YAML)
+    model = hp["embedding_model"]
+    with torch.no_grad():  # non-trivial batch-norm statistics, so a load that silently kept defaults would show
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm1d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    torch.save(model.state_dict(), directory / "embedding_model.ckpt")
+    torch.save(hp["classifier"].state_dict(), directory / "classifier.ckpt")
+    norm = hp["mean_var_norm_emb"]
+    norm.count, norm.glob_mean, norm.glob_std = 100, 0.1 * torch.randn(32), torch.ones(32)
+    norm._save(directory / "mean_var_norm_emb.ckpt")
+    encoder = hp["label_encoder"]
+    encoder.update_from_iterable(["spk_a", "spk_b", "spk_c", "spk_d"])
+    encoder.save(directory / "label_encoder.txt")
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def small_ecapa(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ecapa")
+    model_dir = root / "small-ecapa"
+    saved = build_small_ecapa(model_dir)
+    settings = Settings(_env_file=None, speaker_backend="speechbrain", speechbrain_model=str(model_dir),
+                        data_dir=root / "data", model_device="cpu")
+    embedder = load_embedder(settings)
+    embedder.warm_up()
+    return embedder, saved, settings
+
+
+def test_speechbrain_loads_local_model(small_ecapa):
+    embedder, saved, settings = small_ecapa
+    assert isinstance(embedder, SpeechBrainEmbedder)
+    assert embedder.dim == 32 and embedder.name == "speechbrain:small-ecapa"
+    loaded = embedder._model.mods.embedding_model.state_dict()
+    for key, value in saved.items():
+        assert np.array_equal(loaded[key].cpu().numpy(), value.numpy()), key
+    assert (settings.data_dir / "models" / "speechbrain").is_dir()  # files collected under DATA_DIR/models
+
+
+def test_speechbrain_embeds_and_batches_exactly(small_ecapa, sample):
+    embedder, _, settings = small_ecapa
+    lengths_s = [0.5, 0.73, 1.0, 1.5, 2.0, 2.01, 3.3, 5.0]
+    clips = [sample[int((6 + 2.5 * i) * SAMPLE_RATE) :][: int(s * SAMPLE_RATE)] for i, s in enumerate(lengths_s)]
+    clips.append(clips[3].astype(np.float64))
+    batched = embedder.embed_batch(clips)
+    assert batched.shape == (len(clips), 32) and batched.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(batched, axis=1), 1.0, atol=1e-5)
+    one_by_one = np.concatenate([embedder.embed_batch([c]) for c in clips])
+    assert np.abs(one_by_one - batched).max() < 1e-4
+    assert np.abs(embedder.embed_batch(clips[::-1])[::-1] - batched).max() < 1e-4  # other batch mates, other order
+    assert np.array_equal(embedder.embed_batch(clips), batched)  # deterministic
+    # split over several forward passes
+    split = SpeechBrainEmbedder(embedder._model, max_batch=3, max_batch_samples=8 * SAMPLE_RATE)
+    assert np.abs(split.embed_batch(clips) - batched).max() < 1e-4
+    # a second load from the same directory (files already collected) gives the same model
+    again = load_embedder(settings)
+    assert np.abs(again.embed_batch(clips) - batched).max() < 1e-5
+
+    assert embedder.embed_batch([]).shape == (0, 32)
+    with pytest.raises(ValueError, match="shorter"):
+        embedder.embed_batch([clips[0][: embedder.min_samples - 1]])
+
+
+def test_speechbrain_load_errors(tmp_path, monkeypatch):
+    missing = tmp_path / "nope"
+    with pytest.raises(ValueError, match="not found"):
+        load_embedder(Settings(_env_file=None, speaker_backend="speechbrain", speechbrain_model=str(missing),
+                               data_dir=tmp_path))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="hyperparams.yaml"):
+        load_embedder(Settings(_env_file=None, speaker_backend="speechbrain",
+                               speechbrain_model=str(tmp_path / "empty"), data_dir=tmp_path))
+    # a Hugging Face id that is not cached, offline: a clear error naming the source, never the token
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    token = "hf_secretTOKEN123"
+    with pytest.raises(RuntimeError) as info:
+        load_embedder(Settings(_env_file=None, speaker_backend="speechbrain", speechbrain_model="acme/no-such-model",
+                               huggingface_token=token, data_dir=tmp_path, model_device="cpu"))
+    assert "acme/no-such-model" in str(info.value)
+    assert token not in str(info.value) and token not in repr(info.value.__cause__)
