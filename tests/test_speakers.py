@@ -202,3 +202,55 @@ def test_short_and_silent_segments_are_unknown(server):
                       data={"segments": json.dumps(spans)})
         assert r.status_code == 200, r.text
         assert r.json() == [{"is_user": False, "person_id": None}] * 3
+
+
+async def test_speaker_assigned_names_a_cluster_and_enrols_its_voice(server):
+    """Omi's `speaker_assigned`: the cluster's segments come back with the person, for the rest of the
+    conversation, and the person's profile gains the cluster's voice."""
+    import asyncio
+
+    from websockets.asyncio.client import connect
+
+    with client(server, "assign-user") as http:
+        bob = http.post("/v1/people", json={"name": "Bob"}).json()["id"]
+    frames = pcm16_frames(read_wav(SAMPLE_WAV)[: 20 * SR])
+    segments: dict[str, dict] = {}
+    errors: list[dict] = []
+    async with connect(f"{server.ws}/v4/listen?codec=pcm16&sample_rate=16000",
+                       additional_headers={"Authorization": "Bearer assign-user"}) as ws:
+
+        async def read() -> None:
+            async for message in ws:
+                if message == "ping":
+                    continue
+                payload = json.loads(message)
+                if isinstance(payload, list):
+                    segments.update({s["id"]: s for s in payload})
+                elif payload.get("type") == "error":
+                    errors.append(payload)
+
+        reader = asyncio.create_task(read())
+        for f in frames:
+            await ws.send(f)
+        for _ in range(100):
+            if any(s["end"] > 15 for s in segments.values()):
+                break
+            await asyncio.sleep(0.1)
+        target = max(segments.values(), key=lambda s: s["end"] - s["start"])["speaker_id"]
+        await ws.send(json.dumps({"type": "speaker_assigned", "speaker_id": 99, "person_id": bob}))
+        await ws.send(json.dumps({"type": "speaker_assigned", "speaker_id": target, "person_id": "nobody"}))
+        await ws.send(json.dumps({"type": "speaker_assigned", "speaker_id": target, "person_id": bob,
+                                  "person_name": "Bob", "segment_ids": list(segments)}))
+        for _ in range(100):
+            tagged = [s for s in segments.values() if s["speaker_id"] == target]
+            if tagged and all(s["person_id"] == bob for s in tagged):
+                break
+            await asyncio.sleep(0.1)
+        await ws.close()
+        await asyncio.wait_for(reader, 10)
+    tagged = [s for s in segments.values() if s["speaker_id"] == target]
+    assert tagged and all(s["person_id"] == bob and not s["is_user"] for s in tagged)
+    assert all(s["person_id"] is None for s in segments.values() if s["speaker_id"] != target)
+    assert [e["code"] for e in errors] == ["bad_command", "bad_command"]
+    with client(server, "assign-user") as http:
+        assert http.get(f"/v1/people/{bob}").json()["samples"] > 0
