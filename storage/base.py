@@ -1,4 +1,6 @@
-"""The repository interface every storage backend implements. Profiles only so far; conversations come next.
+"""The repository interface every storage backend implements: users, conversations with their transcript
+segments (upserted one by one, never rewritten as a whole list), the conversation's speaker clusters, speaker
+profiles, and the scheduled jobs' own records (leases, so a job runs once per tick across replicas).
 
 Speaker profiles hold the embeddings of enrolled voices: the user's own (`kind="user"`, at most one per uid) and
 other people's (`kind="person"`). Embeddings from different models are not comparable, so each profile records
@@ -16,6 +18,47 @@ from typing import Literal
 import numpy as np
 
 ProfileKind = Literal["user", "person"]
+ConversationStatus = Literal["in_progress", "processing", "completed", "discarded"]
+
+
+@dataclass
+class User:
+    uid: str
+    time_zone: str = "UTC"  # IANA name, for the daily notifications
+    webhook_url: str | None = None
+    fcm_token: str | None = None
+    created_at: float = field(default_factory=time.time)
+
+
+@dataclass
+class Conversation:
+    uid: str
+    status: ConversationStatus = "in_progress"
+    language: str = "en"
+    source: str = "omi"
+    started_at: float = field(default_factory=time.time)  # wall clock of t=0 of its segment times
+    last_activity_at: float = field(default_factory=time.time)  # last speech (or start), for the timeout
+    timeout_s: float = 120.0
+    finished_at: float | None = None
+    duration_s: float = 0.0  # seconds of conversation time so far (where a continued stream's times resume)
+    title: str | None = None
+    overview: str | None = None
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+
+@dataclass
+class Segment:
+    """A transcript segment as stored: the wire segment plus its conversation."""
+
+    id: str
+    conversation_id: str
+    text: str
+    speaker: str
+    speaker_id: int
+    is_user: bool
+    person_id: str | None
+    start: float
+    end: float
 
 
 @dataclass
@@ -37,6 +80,9 @@ class SpeakerProfile:
 
 
 class Storage(ABC):
+    """All methods are coroutines and safe to call concurrently from the event loop. Every read and write of a
+    user's data takes the uid, and backends filter by it: one user can never reach another's rows."""
+
     @abstractmethod
     async def open(self) -> None: ...
 
@@ -66,3 +112,72 @@ class Storage(ABC):
 
     async def user_profile(self, uid: str) -> SpeakerProfile | None:
         return next((p for p in await self.list_profiles(uid) if p.kind == "user"), None)
+
+    # -- users ---------------------------------------------------------------------------------------------------
+
+    @abstractmethod
+    async def save_user(self, user: User) -> None: ...
+
+    @abstractmethod
+    async def get_user(self, uid: str) -> User | None: ...
+
+    @abstractmethod
+    async def list_users(self) -> list[User]: ...
+
+    # -- conversations -------------------------------------------------------------------------------------------
+
+    @abstractmethod
+    async def save_conversation(self, conversation: Conversation) -> None:
+        """Insert or update the conversation's own fields (never its segments)."""
+
+    @abstractmethod
+    async def get_conversation(self, uid: str, conversation_id: str) -> Conversation | None: ...
+
+    @abstractmethod
+    async def list_conversations(self, uid: str, status: ConversationStatus | None = None, limit: int = 50,
+                                 before: float | None = None) -> list[Conversation]:
+        """Newest first (by started_at); `before`: only those started earlier (paging)."""
+
+    @abstractmethod
+    async def conversations_to_close(self, now: float, limit: int = 100) -> list[Conversation]:
+        """In-progress conversations of any user whose last activity is older than their timeout."""
+
+    @abstractmethod
+    async def delete_conversation(self, uid: str, conversation_id: str) -> bool:
+        """The conversation, its segments and its speaker state."""
+
+    @abstractmethod
+    async def delete_conversations_before(self, started_before: float) -> int:
+        """Retention: every user's conversations started before the time, with their segments. Returns the count."""
+
+    # -- segments ------------------------------------------------------------------------------------------------
+
+    @abstractmethod
+    async def upsert_segments(self, uid: str, segments: list[Segment]) -> None:
+        """Insert new segments, replace those whose id exists (a segment grows while it is spoken)."""
+
+    @abstractmethod
+    async def list_segments(self, uid: str, conversation_id: str) -> list[Segment]:
+        """In time order."""
+
+    # -- a conversation's speaker clusters (so labels survive a reconnect) ------------------------------------------
+
+    @abstractmethod
+    async def save_speaker_state(self, uid: str, conversation_id: str, state: bytes) -> None: ...
+
+    @abstractmethod
+    async def load_speaker_state(self, uid: str, conversation_id: str) -> bytes | None: ...
+
+    # -- jobs ----------------------------------------------------------------------------------------------------
+
+    @abstractmethod
+    async def acquire_job_run(self, job: str, run_key: str, owner: str, lease_s: float) -> bool:
+        """True for exactly one caller per (job, run_key) while its lease holds: the run happens once across
+        replicas. A lease that expired without a recorded result (a crashed replica) can be taken again."""
+
+    @abstractmethod
+    async def finish_job_run(self, job: str, run_key: str, owner: str, ok: bool, detail: str) -> None: ...
+
+    @abstractmethod
+    async def last_job_runs(self) -> dict[str, dict]:
+        """job → {"run_key", "owner", "ok", "detail", "finished_at"} of its latest finished run."""

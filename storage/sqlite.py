@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from storage.base import SpeakerProfile, Storage
+from storage.base import Conversation, ConversationStatus, Segment, SpeakerProfile, Storage, User
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS speaker_profiles (
@@ -34,7 +34,62 @@ CREATE TABLE IF NOT EXISTS speaker_embeddings (
     vector BLOB NOT NULL,
     PRIMARY KEY (profile_id, seq)
 );
+CREATE TABLE IF NOT EXISTS users (
+    uid TEXT PRIMARY KEY,
+    time_zone TEXT NOT NULL,
+    webhook_url TEXT,
+    fcm_token TEXT,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS conversations (
+    id TEXT PRIMARY KEY,
+    uid TEXT NOT NULL,
+    status TEXT NOT NULL,
+    language TEXT NOT NULL,
+    source TEXT NOT NULL,
+    started_at REAL NOT NULL,
+    last_activity_at REAL NOT NULL,
+    timeout_s REAL NOT NULL,
+    finished_at REAL,
+    duration_s REAL NOT NULL,
+    title TEXT,
+    overview TEXT
+);
+CREATE INDEX IF NOT EXISTS conversations_uid ON conversations (uid, started_at);
+CREATE INDEX IF NOT EXISTS conversations_open ON conversations (status, last_activity_at);
+CREATE TABLE IF NOT EXISTS segments (
+    id TEXT PRIMARY KEY,
+    conversation_id TEXT NOT NULL REFERENCES conversations (id) ON DELETE CASCADE,
+    uid TEXT NOT NULL,
+    text TEXT NOT NULL,
+    speaker TEXT NOT NULL,
+    speaker_id INTEGER NOT NULL,
+    is_user INTEGER NOT NULL,
+    person_id TEXT,
+    start REAL NOT NULL,
+    "end" REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS segments_conversation ON segments (conversation_id, start);
+CREATE TABLE IF NOT EXISTS speaker_states (
+    conversation_id TEXT PRIMARY KEY REFERENCES conversations (id) ON DELETE CASCADE,
+    uid TEXT NOT NULL,
+    state BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS job_runs (
+    job TEXT NOT NULL,
+    run_key TEXT NOT NULL,
+    owner TEXT NOT NULL,
+    lease_until REAL NOT NULL,
+    finished_at REAL,
+    ok INTEGER,
+    detail TEXT,
+    PRIMARY KEY (job, run_key)
+);
 """
+
+_CONVERSATION_FIELDS = ("id", "uid", "status", "language", "source", "started_at", "last_activity_at", "timeout_s",
+                        "finished_at", "duration_s", "title", "overview")
+_SEGMENT_FIELDS = ("id", "conversation_id", "text", "speaker", "speaker_id", "is_user", "person_id", "start", "end")
 
 
 class SqliteStorage(Storage):
@@ -138,6 +193,131 @@ class SqliteStorage(Storage):
                                            speech_seconds=seconds, name=name, id=pid, created_at=created,
                                            updated_at=updated))
         return profiles
+
+
+    # -- users -------------------------------------------------------------------------------------------------
+
+    async def save_user(self, user: User) -> None:
+        await self._run(self._write, "INSERT OR REPLACE INTO users VALUES (?, ?, ?, ?, ?)",
+                        (user.uid, user.time_zone, user.webhook_url, user.fcm_token, user.created_at))
+
+    async def get_user(self, uid: str) -> User | None:
+        rows = await self._run(self._read, "SELECT * FROM users WHERE uid = ?", (uid,))
+        return User(*rows[0]) if rows else None
+
+    async def list_users(self) -> list[User]:
+        return [User(*r) for r in await self._run(self._read, "SELECT * FROM users ORDER BY uid", ())]
+
+    # -- conversations -------------------------------------------------------------------------------------------
+
+    async def save_conversation(self, c: Conversation) -> None:
+        cols = ", ".join(_CONVERSATION_FIELDS)
+        marks = ", ".join("?" * len(_CONVERSATION_FIELDS))
+        await self._run(self._write, f"INSERT OR REPLACE INTO conversations ({cols}) VALUES ({marks})",
+                        tuple(getattr(c, f) for f in _CONVERSATION_FIELDS))
+
+    async def get_conversation(self, uid: str, conversation_id: str) -> Conversation | None:
+        found = await self._conversations("uid = ? AND id = ?", (uid, conversation_id))
+        return found[0] if found else None
+
+    async def list_conversations(self, uid: str, status: ConversationStatus | None = None, limit: int = 50,
+                                 before: float | None = None) -> list[Conversation]:
+        where, args = "uid = ?", [uid]
+        if status is not None:
+            where, args = where + " AND status = ?", [*args, status]
+        if before is not None:
+            where, args = where + " AND started_at < ?", [*args, before]
+        return await self._conversations(f"{where} ORDER BY started_at DESC LIMIT ?", (*args, limit))
+
+    async def conversations_to_close(self, now: float, limit: int = 100) -> list[Conversation]:
+        return await self._conversations(
+            "status = 'in_progress' AND last_activity_at + timeout_s <= ? ORDER BY last_activity_at LIMIT ?",
+            (now, limit))
+
+    async def _conversations(self, where: str, args: tuple) -> list[Conversation]:
+        rows = await self._run(self._read, f"SELECT {', '.join(_CONVERSATION_FIELDS)} FROM conversations "
+                               f"WHERE {where}", args)
+        return [Conversation(**dict(zip(_CONVERSATION_FIELDS, r, strict=True))) for r in rows]
+
+    async def delete_conversation(self, uid: str, conversation_id: str) -> bool:
+        return await self._run(self._write, "DELETE FROM conversations WHERE uid = ? AND id = ?",
+                               (uid, conversation_id)) > 0
+
+    async def delete_conversations_before(self, started_before: float) -> int:
+        return await self._run(self._write, "DELETE FROM conversations WHERE started_at < ?", (started_before,))
+
+    # -- segments ------------------------------------------------------------------------------------------------
+
+    async def upsert_segments(self, uid: str, segments: list[Segment]) -> None:
+        def upsert() -> None:
+            with _transaction(self._db):
+                for seg in segments:
+                    owner = self._db.execute("SELECT uid FROM conversations WHERE id = ?",
+                                             (seg.conversation_id,)).fetchone()
+                    if owner is None or owner[0] != uid:
+                        raise KeyError(f"no conversation {seg.conversation_id} for this user")
+                self._db.executemany(
+                    'INSERT OR REPLACE INTO segments (id, conversation_id, uid, text, speaker, speaker_id, is_user, '
+                    'person_id, start, "end") VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)',
+                    [(s.id, s.conversation_id, uid, s.text, s.speaker, s.speaker_id, int(s.is_user), s.person_id,
+                      s.start, s.end) for s in segments],
+                )
+
+        if segments:
+            await self._run(upsert)
+
+    async def list_segments(self, uid: str, conversation_id: str) -> list[Segment]:
+        rows = await self._run(
+            self._read, 'SELECT id, conversation_id, text, speaker, speaker_id, is_user, person_id, start, "end" '
+            "FROM segments WHERE uid = ? AND conversation_id = ? ORDER BY start, rowid", (uid, conversation_id))
+        return [Segment(*r[:5], bool(r[5]), *r[6:]) for r in rows]
+
+    # -- speaker state -------------------------------------------------------------------------------------------
+
+    async def save_speaker_state(self, uid: str, conversation_id: str, state: bytes) -> None:
+        await self._run(self._write, "INSERT OR REPLACE INTO speaker_states VALUES (?, ?, ?)",
+                        (conversation_id, uid, state))
+
+    async def load_speaker_state(self, uid: str, conversation_id: str) -> bytes | None:
+        rows = await self._run(self._read, "SELECT state FROM speaker_states WHERE uid = ? AND conversation_id = ?",
+                               (uid, conversation_id))
+        return bytes(rows[0][0]) if rows else None
+
+    # -- jobs ----------------------------------------------------------------------------------------------------
+
+    async def acquire_job_run(self, job: str, run_key: str, owner: str, lease_s: float) -> bool:
+        def acquire() -> bool:
+            now = time.time()
+            with _transaction(self._db):
+                row = self._db.execute("SELECT lease_until, finished_at FROM job_runs WHERE job = ? AND run_key = ?",
+                                       (job, run_key)).fetchone()
+                if row is not None and (row[1] is not None or row[0] > now):
+                    return False
+                self._db.execute("INSERT OR REPLACE INTO job_runs (job, run_key, owner, lease_until) "
+                                 "VALUES (?, ?, ?, ?)", (job, run_key, owner, now + lease_s))
+                return True
+
+        return await self._run(acquire)
+
+    async def finish_job_run(self, job: str, run_key: str, owner: str, ok: bool, detail: str) -> None:
+        await self._run(self._write, "UPDATE job_runs SET finished_at = ?, ok = ?, detail = ? "
+                        "WHERE job = ? AND run_key = ? AND owner = ?",
+                        (time.time(), int(ok), detail[:2000], job, run_key, owner))
+
+    async def last_job_runs(self) -> dict[str, dict]:
+        rows = await self._run(self._read, "SELECT job, run_key, owner, ok, detail, MAX(finished_at) FROM job_runs "
+                               "WHERE finished_at IS NOT NULL GROUP BY job", ())
+        return {r[0]: {"run_key": r[1], "owner": r[2], "ok": bool(r[3]), "detail": r[4], "finished_at": r[5]}
+                for r in rows}
+
+    # -- plumbing (on the storage thread) ------------------------------------------------------------------------
+
+    def _read(self, sql: str, args: tuple) -> list[tuple]:
+        return self._db.execute(sql, args).fetchall()
+
+    def _write(self, sql: str, args: tuple) -> int:
+        with _transaction(self._db):
+            return self._db.execute(sql, args).rowcount
 
 
 class _transaction:
