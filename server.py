@@ -25,7 +25,9 @@ from starlette.websockets import WebSocketDisconnect, WebSocketState  # noqa: E4
 import batch_routes  # noqa: E402
 from auth import Authenticator, AuthError  # noqa: E402
 from config import Settings, get_settings  # noqa: E402
+from conversations import ConversationClosed, ConversationService  # noqa: E402
 from storage import open_storage  # noqa: E402
+from storage.base import Conversation, Segment  # noqa: E402
 from streaming.codecs import make_decoder  # noqa: E402
 from streaming.pipeline import Pipeline, SegmentIdentifier  # noqa: E402
 from streaming.pool import ModelPool  # noqa: E402
@@ -55,6 +57,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                 np.zeros(st.vad_backend.chunk_samples, np.float32))
         st.stt_factory = await asyncio.to_thread(SttFactory, s)
         st.storage = await open_storage(s)
+        st.conversations = ConversationService(st.storage)
         st.pool = await ModelPool.create(s)
         st.identifier = SegmentIdentifier(st.pool, st.vad_backend, st.vad_params, MATCH_RULES)
         st.ready = True
@@ -174,12 +177,48 @@ async def _speaker_tagger(st: Any, uid: str, params: ListenParams) -> SpeakerTag
     return SpeakerTagger(st.pool, index, MATCH_RULES)
 
 
+class _ConversationLink:
+    """Ties one stream to its conversation: stores segments before they are sent, and starts a new conversation
+    when the sweep closed the current one while the stream went on (a long silence)."""
+
+    def __init__(self, service: ConversationService, conversation: Conversation, language: str, timeout_s: float):
+        self.service, self.conversation = service, conversation
+        self.language, self.timeout_s = language, timeout_s
+        self.pipeline: Pipeline | None = None
+
+    async def persist(self, segments: list) -> None:
+        try:
+            await self.service.record(self.conversation, self._stored(segments))
+        except ConversationClosed:
+            self.conversation = await self.service.attach(self.conversation.uid, self.language, self.timeout_s)
+            shift = min(s.start for s in segments)  # the new conversation's clock starts at its first words
+            self.pipeline.segments.restart(self.pipeline.segments.offset - shift)
+            for seg in segments:
+                seg.start, seg.end = round(seg.start - shift, 3), round(seg.end - shift, 3)
+            self.pipeline.segments.segments.extend(segments)
+            await self.service.record(self.conversation, self._stored(segments))
+
+    def _stored(self, segments: list) -> list[Segment]:
+        return [Segment(s.id, self.conversation.id, s.text, s.speaker, s.speaker_id, s.is_user, s.person_id,
+                        s.start, s.end) for s in segments]
+
+
 async def _serve_stream(client: _Client, params: ListenParams, uid: str, st: Any, s: Settings) -> None:
     await client.send_json(ServiceStatusEvent(status="initiating", status_text="Service starting").model_dump())
     try:
         decoder = make_decoder(params.codec, params.sample_rate, params.channels)
     except ValueError as exc:
         return await _refuse(client, CloseCode.POLICY, "bad_parameters", str(exc))
+    service: ConversationService = st.conversations
+    last = await service.last_memory(uid)
+    if last is not None:
+        await client.send_json({"type": "last_memory", "memory_id": last.id})
+    conversation = await service.attach(uid, params.language, params.conversation_timeout)
+    link = _ConversationLink(service, conversation, params.language, params.conversation_timeout)
+    tagger = await _speaker_tagger(st, uid, params)
+    state = await st.storage.load_speaker_state(uid, conversation.id)
+    if state is not None:
+        tagger.import_state(state)
     pipeline = Pipeline(
         decoder=decoder,
         vad_backend=st.vad_backend,
@@ -187,9 +226,12 @@ async def _serve_stream(client: _Client, params: ListenParams, uid: str, st: Any
         stt_factory=st.stt_factory,
         language=params.language,
         emit=client.send_json,
-        tagger=await _speaker_tagger(st, uid, params),
+        tagger=tagger,
+        persist=link.persist,
+        time_offset=conversation.duration_s,
         keepalive_s=s.deepgram_keepalive_s,
     )
+    link.pipeline = pipeline
     await client.send_json(ServiceStatusEvent(status="stt_initiating", status_text="STT starting").model_dump())
     try:
         await pipeline.start()
@@ -200,12 +242,17 @@ async def _serve_stream(client: _Client, params: ListenParams, uid: str, st: Any
     log.info("stream open uid=%s codec=%s rate=%d", uid, params.codec, params.sample_rate)
 
     heartbeat = asyncio.create_task(_heartbeat(client, s.heartbeat_s))
+    stop_listening = service.listen(uid, client.send_json)
     close_code = CloseCode.NORMAL
     try:
         close_code = await _receive_loop(client, pipeline, s, lambda text: _command(client, pipeline, st, uid, text))
     finally:
         heartbeat.cancel()
         await pipeline.finish()
+        stop_listening()
+        conv = link.conversation
+        await st.storage.save_speaker_state(uid, conv.id, tagger.export_state())
+        await service.stream_ended(conv, pipeline.segments.offset + pipeline.stream_seconds)
         log.info("stream closed uid=%s frames=%d bad=%d sent=%.1fs of %.1fs", uid, pipeline.stats.frames,
                  pipeline.stats.bad_frames, pipeline.stats.sent_samples / 16000, pipeline.stats.stream_samples / 16000)
         await client.close(close_code)

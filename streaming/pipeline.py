@@ -27,6 +27,7 @@ from streaming.vad import SpeechAudio, SpeechEnd, StreamingVAD, VadBackend, VadE
 log = logging.getLogger(__name__)
 
 Emit = Callable[[Any], Awaitable[None]]  # sends one JSON message (a list of segments or an event) to the client
+Persist = Callable[[list[TranscriptSegment]], Awaitable[None]]  # stores segments before they are sent
 
 
 class SegmentBuilder:
@@ -37,10 +38,17 @@ class SegmentBuilder:
     with Finalize at the end of each speech region).
     """
 
-    def __init__(self, timeline: SentTimeline) -> None:
+    def __init__(self, timeline: SentTimeline, offset: float = 0.0) -> None:
         self._timeline = timeline
+        self.offset = offset  # conversation time of stream time 0 (a continued conversation resumes its clock)
         self._current: TranscriptSegment | None = None
         self.segments: list[TranscriptSegment] = []
+
+    def restart(self, offset: float) -> None:
+        """A new conversation begins: no segment continues across it, and its clock starts again."""
+        self._current = None
+        self.segments = []
+        self.offset = offset
 
     def add(self, transcript: Transcript, labels: list[SpeakerLabel] | None = None) -> list[TranscriptSegment]:
         changed: list[TranscriptSegment] = []
@@ -51,7 +59,8 @@ class SegmentBuilder:
             text = word.text.strip()
             if not text:
                 continue
-            start, end = to_stream(word.start), to_stream(word.end, is_end=True)
+            start = round(to_stream(word.start) + self.offset, 3)
+            end = round(to_stream(word.end, is_end=True) + self.offset, 3)
             seg = self._current
             if seg is None or seg.speaker_id != label.speaker_id:
                 seg = TranscriptSegment(id=str(uuid.uuid4()), text=text, start=start, end=end,
@@ -104,13 +113,16 @@ class Pipeline:
         language: str,
         emit: Emit,
         tagger: SpeakerTagger | None = None,
+        persist: Persist | None = None,
+        time_offset: float = 0.0,
         keepalive_s: float = 5.0,
     ) -> None:
         self._decoder = decoder
         self._vad = StreamingVAD(vad_backend, vad_params)
         self._emit = emit
+        self._persist = persist
         self.timeline = SentTimeline()
-        self.segments = SegmentBuilder(self.timeline)
+        self.segments = SegmentBuilder(self.timeline, time_offset)
         self.stt: SttSession = stt_factory.session(self._on_transcript, language)
         self.stats = PipelineStats()
         self.tagger = tagger
@@ -194,8 +206,22 @@ class Pipeline:
             changed += [s for s in self.segments.relabel(speaker_id, label) if s not in changed]
         transcript = Transcript(tuple(words), transcript.is_final, transcript.speech_final)
         changed += [s for s in self.segments.add(transcript, labels) if s not in changed]
-        if changed:
-            await self._emit([s.model_dump() for s in changed])
+        await self._deliver(changed)
+
+    async def _deliver(self, changed: list[TranscriptSegment]) -> None:
+        """Persist, then send: a segment the client has seen is a segment that is stored."""
+        if not changed:
+            return
+        if self._persist is not None:
+            try:
+                await self._persist(changed)
+            except Exception as exc:  # storage down: the client still gets its transcript (see the README)
+                log.error("could not store %d segments: %s", len(changed), exc)
+        await self._emit([s.model_dump() for s in changed])
+
+    @property
+    def stream_seconds(self) -> float:
+        return self.stats.stream_samples / SAMPLE_RATE
 
     async def assign_speaker(self, speaker_id: int, person_id: str) -> tuple[list, np.ndarray]:
         """The client's `speaker_assigned`: relabel the cluster's segments; returns them and its embeddings."""
@@ -203,8 +229,7 @@ class Pipeline:
             return [], np.zeros((0, 0), np.float32)
         embeddings = self.tagger.assign(speaker_id, person_id)
         changed = self.segments.relabel(speaker_id, self.tagger.label(speaker_id))
-        if changed:
-            await self._emit([s.model_dump() for s in changed])
+        await self._deliver(changed)
         return changed, embeddings
 
 

@@ -1,25 +1,37 @@
 """The shared model pool: one per process, one batching worker per model, shared by every connection.
 
-Thread-safety contract of `BatchingWorker`:
-- `submit`/`submit_many` are called on the event loop only. They never block: a request goes into a bounded
-  `queue.Queue` with `put_nowait`, and a full queue raises `PoolSaturated` at once.
-- One worker thread per model takes requests off the queue, gathers a batch (up to `max_batch` items, or
-  `max_wait_ms` after the first item, whichever comes first), calls `batch_fn` in that thread, and hands each
-  result back to its requester's loop with `loop.call_soon_threadsafe`. The thread touches no other asyncio
-  object, skips requests whose future was cancelled (a client that went away), and survives `batch_fn` errors:
-  every request of the failing batch gets the exception, the next batch runs as usual.
-- `batch_fn` is only ever called from the worker thread, one batch at a time, so the model needs no lock.
+`BatchingWorker` is the cross-connection batcher (the pattern of WhisperLive's batch inference worker): requests from
+every connection's coroutine go into one bounded queue; one thread per model takes them off in batches of up to
+`max_batch` items, or whatever has arrived `max_wait_ms` after the first one, whichever comes first; it runs the
+model once per batch and hands each request its own result.
 
-The pool holds no per-stream state: requests carry their own data and future.
+Thread-safety contract of `BatchingWorker`:
+
+- `submit`/`submit_many` run on an event loop (any number of loops, in practice the server's one). They never block
+  on the worker: admission is a few list operations under a lock the worker only holds to pop requests (never while
+  the model runs). A full queue raises `PoolSaturated` at once; a stopped worker raises `PoolClosed`.
+- `batch_fn` is only ever called from the worker thread, one batch at a time, so the model needs no lock of its own.
+- The worker thread touches no asyncio object except through `loop.call_soon_threadsafe` (one call per batch and
+  loop); the futures are completed on their own loop. It skips requests whose future is already cancelled (a client
+  that went away): they are never computed, and a result for one cancelled meanwhile is dropped. A requester's loop
+  that has closed is ignored.
+- If `batch_fn` raises (or returns the wrong number of results), every request of that batch gets the exception and
+  the worker goes on with the next batch. Should the thread itself ever die, it fails everything queued and refuses
+  new work rather than leaving callers waiting forever.
+- `stop()` may be called from any thread (the lifespan calls it through `asyncio.to_thread`): queued requests fail
+  with `PoolClosed`, a batch already inside `batch_fn` finishes and is delivered, the thread is joined.
+
+`ModelPool` owns the workers (today: the speaker embedder's) and holds no per-stream state: each request carries its
+own data and future.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -33,161 +45,265 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 R = TypeVar("R")
 
+SATURATED_AT = 0.9  # ModelPool.saturated: new streams are refused from this queue fill on
+
 
 class PoolSaturated(RuntimeError):
     """The model's queue is full. Callers refuse new work (new streams close with 1013 and a retry hint)."""
 
 
-@dataclass
+class PoolClosed(RuntimeError):
+    """The worker is not running (not started yet, stopped at shutdown, or its thread died)."""
+
+
+@dataclass(slots=True)
 class _Request:
     item: Any
     future: asyncio.Future
     loop: asyncio.AbstractEventLoop
 
 
-_STOP = object()
-
-
-def _resolve(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
-    if future.cancelled():
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(result)
+def _deliver(outcomes: list[tuple[asyncio.Future, Any, BaseException | None]]) -> None:
+    """Runs on the requester's loop: completes the futures that are still waited for."""
+    for future, result, error in outcomes:
+        if future.done():  # cancelled meanwhile
+            continue
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
 
 
 class BatchingWorker(Generic[T, R]):
+    """One worker thread per model. Gathers requests from all connections into batches of up to `max_batch` items
+    or `max_wait_ms` after the first item, whichever first; calls `batch_fn(list[T]) -> Sequence[R]` (results in the
+    same order) in that thread; resolves one asyncio future per request on the requester's event loop
+    (`loop.call_soon_threadsafe`). If `batch_fn` raises, every future of that batch gets the exception; the worker
+    goes on. See the module docstring for the full thread-safety contract."""
+
     def __init__(self, name: str, batch_fn: Callable[[list[T]], Sequence[R]], max_batch: int, max_wait_ms: float,
-                 queue_size: int) -> None:
+                 queue_size: int, thread_init: Callable[[], None] | None = None) -> None:
+        """`thread_init`: called once in the worker thread before the first batch (per-thread library settings,
+        e.g. torch's thread count, which only takes full effect when set in the thread that runs the model)."""
+        if max_batch < 1 or queue_size < 1 or max_wait_ms < 0:
+            raise ValueError(f"pool {name}: need max_batch >= 1, queue_size >= 1, max_wait_ms >= 0")
         self.name = name
-        self._batch_fn = batch_fn
-        self.max_batch = max(1, max_batch)
-        self.max_wait = max_wait_ms / 1000.0
+        self.max_batch = max_batch
+        self.max_wait_ms = max_wait_ms
         self.queue_size = queue_size
-        self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
+        self._batch_fn = batch_fn
+        self._thread_init = thread_init
+        self._pending: deque[_Request] = deque()
+        self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
-        self._stopping = False
-        self.items = self.batches = self.max_depth = 0
-        self.last_batch_ms = 0.0
+        self._running = False  # accepting work; guarded by _cond
+        # statistics: written by the worker thread (and admission, for max_queued), read anywhere
+        self._items = 0
+        self._batches = 0
+        self._failed_batches = 0
+        self._skipped = 0
+        self._max_queued = 0
+        self._last_batch_ms = 0.0
+        self._busy_s = 0.0
+
+    # --- lifecycle (any thread) ----------------------------------------------------------------------------------
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name=f"pool-{self.name}", daemon=True)
+        with self._cond:
+            if self._thread is not None:
+                raise RuntimeError(f"model pool {self.name}: worker already started")
+            self._running = True
+            self._thread = threading.Thread(target=self._run, name=f"pool-{self.name}", daemon=True)
         self._thread.start()
 
     def stop(self, timeout: float = 5.0) -> None:
-        self._stopping = True
-        try:
-            self._queue.put(_STOP, timeout=timeout)
-        except queue.Full:
-            pass
-        if self._thread is not None:
-            self._thread.join(timeout)
-        self._fail_pending(RuntimeError(f"model pool {self.name} stopped"))
+        """Fails every queued request with `PoolClosed`, lets a running batch finish, joins the thread."""
+        with self._cond:
+            self._running = False
+            self._cond.notify_all()
+        self._fail_pending("stopped")
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+            if thread.is_alive():
+                log.warning("model pool %s: worker still inside a batch after %.1f s; left behind", self.name, timeout)
 
     @property
-    def saturation(self) -> float:
-        return self._queue.qsize() / self.queue_size
+    def running(self) -> bool:
+        return self._running
 
-    def stats(self) -> dict[str, float]:
-        return {"items": self.items, "batches": self.batches,
-                "mean_batch": round(self.items / self.batches, 2) if self.batches else 0.0,
-                "queued": self._queue.qsize(), "max_queued": self.max_depth,
-                "last_batch_ms": round(self.last_batch_ms, 2)}
+    # --- requests (event loop) -----------------------------------------------------------------------------------
 
     async def submit(self, item: T) -> R:
         return (await self.submit_many([item]))[0]
 
     async def submit_many(self, items: Sequence[T]) -> list[R]:
-        """All or nothing: either every item is queued or PoolSaturated is raised."""
-        if self._stopping:
-            raise RuntimeError(f"model pool {self.name} stopped")
-        if self._queue.qsize() + len(items) > self.queue_size:
-            raise PoolSaturated(f"model pool {self.name} is saturated")
+        """Results in the order of `items`. All or nothing: every item is queued, or `PoolSaturated` is raised and
+        none is. Cancelling the caller withdraws its requests still queued; a failed item withdraws the others."""
+        if not items:
+            return []
+        if len(items) > self.queue_size:
+            raise ValueError(f"model pool {self.name}: {len(items)} items in one request, the queue holds "
+                             f"{self.queue_size}")
         loop = asyncio.get_running_loop()
         requests = [_Request(item, loop.create_future(), loop) for item in items]
-        for r in requests:
-            try:
-                self._queue.put_nowait(r)
-            except queue.Full:  # raced with another submitter: cancel what we queued
-                for q in requests:
-                    q.future.cancel()
-                raise PoolSaturated(f"model pool {self.name} is saturated") from None
-        self.max_depth = max(self.max_depth, self._queue.qsize())
-        return list(await asyncio.gather(*(r.future for r in requests)))
+        with self._cond:
+            if not self._running:
+                raise PoolClosed(f"model pool {self.name} is not running")
+            if len(self._pending) + len(requests) > self.queue_size:
+                raise PoolSaturated(f"model pool {self.name} is saturated ({len(self._pending)} requests queued)")
+            self._pending.extend(requests)
+            self._max_queued = max(self._max_queued, len(self._pending))
+            self._cond.notify()
+        futures = [r.future for r in requests]
+        try:
+            return list(await asyncio.gather(*futures))
+        finally:  # cancelled, or one item failed: the rest need not be computed
+            for f in futures:
+                f.cancel()
 
-    # -- worker thread ------------------------------------------------------------------------------------------
+    # --- introspection -------------------------------------------------------------------------------------------
+
+    @property
+    def queued(self) -> int:
+        return len(self._pending)
+
+    @property
+    def saturation(self) -> float:
+        """Queued requests / queue_size, 0..1 (cancelled ones count until the worker drops them)."""
+        return min(1.0, len(self._pending) / self.queue_size)
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "items": self._items,
+            "batches": self._batches,
+            "mean_batch": round(self._items / self._batches, 2) if self._batches else 0.0,
+            "failed_batches": self._failed_batches,
+            "skipped_cancelled": self._skipped,
+            "queued": len(self._pending),
+            "max_queued": self._max_queued,
+            "saturation": round(self.saturation, 4),
+            "last_batch_ms": round(self._last_batch_ms, 2),
+            "busy_s": round(self._busy_s, 3),
+            "max_batch": self.max_batch,
+            "max_wait_ms": self.max_wait_ms,
+            "queue_size": self.queue_size,
+        }
+
+    # --- worker thread -------------------------------------------------------------------------------------------
 
     def _run(self) -> None:
-        while True:
-            first = self._queue.get()
-            if first is _STOP:
-                return
-            batch = [first]
-            deadline = time.monotonic() + self.max_wait
-            stop = False
-            while len(batch) < self.max_batch:
+        if self._thread_init is not None:
+            try:
+                self._thread_init()
+            except Exception:
+                log.exception("model pool %s: thread_init failed; serving anyway", self.name)
+        try:
+            while (batch := self._gather()) is not None:
+                if batch:
+                    self._serve(batch)
+        except BaseException:  # a bug here must not leave callers waiting forever
+            log.exception("model pool %s: worker thread died", self.name)
+            with self._cond:
+                self._running = False
+            self._fail_pending("worker thread died")
+            raise
+
+    def _gather(self) -> list[_Request] | None:
+        """The next batch (live requests only; may be empty when all were cancelled), or None once stopped."""
+        with self._cond:
+            while self._running and not self._pending:
+                self._cond.wait()
+            if not self._running:
+                return None
+            deadline = time.monotonic() + self.max_wait_ms / 1000.0
+            while self._running and len(self._pending) < self.max_batch:
                 remaining = deadline - time.monotonic()
-                try:
-                    nxt = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
-                except queue.Empty:
+                if remaining <= 0:
                     break
-                if nxt is _STOP:
-                    stop = True
-                    break
-                batch.append(nxt)
-            self._serve([r for r in batch if not r.future.cancelled()])
-            if stop:
-                return
+                self._cond.wait(remaining)
+            if not self._running:
+                return None  # stop() fails what is queued
+            batch: list[_Request] = []
+            while self._pending and len(batch) < self.max_batch:
+                request = self._pending.popleft()
+                if request.future.cancelled():
+                    self._skipped += 1
+                else:
+                    batch.append(request)
+            return batch
 
     def _serve(self, batch: list[_Request]) -> None:
-        if not batch:
-            return
         started = time.perf_counter()
         try:
             results = list(self._batch_fn([r.item for r in batch]))
             if len(results) != len(batch):
-                raise RuntimeError(f"{self.name}: {len(results)} results for {len(batch)} requests")
-            outcome = [(res, None) for res in results]
+                raise RuntimeError(f"model pool {self.name}: {len(results)} results for {len(batch)} requests")
+            outcomes = [(r.future, res, None) for r, res in zip(batch, results, strict=True)]
         except Exception as exc:  # the batch's callers get the error; the worker goes on
-            log.warning("model pool %s: batch of %d failed: %s", self.name, len(batch), exc)
-            outcome = [(None, exc)] * len(batch)
-        self.last_batch_ms = (time.perf_counter() - started) * 1000
-        self.items += len(batch)
-        self.batches += 1
-        for r, (res, err) in zip(batch, outcome, strict=True):
-            r.loop.call_soon_threadsafe(_resolve, r.future, res, err)
+            log.warning("model pool %s: batch of %d failed: %r", self.name, len(batch), exc)
+            self._failed_batches += 1
+            outcomes = [(r.future, None, exc) for r in batch]
+        elapsed = time.perf_counter() - started
+        self._last_batch_ms = elapsed * 1000.0
+        self._busy_s += elapsed
+        self._items += len(batch)
+        self._batches += 1
+        self._post(batch, outcomes)
 
-    def _fail_pending(self, error: BaseException) -> None:
-        while True:
+    def _post(self, batch: list[_Request], outcomes: list[tuple[asyncio.Future, Any, BaseException | None]]) -> None:
+        """One `call_soon_threadsafe` per requester loop."""
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for request, outcome in zip(batch, outcomes, strict=True):
+            by_loop.setdefault(request.loop, []).append(outcome)
+        for loop, loop_outcomes in by_loop.items():
             try:
-                r = self._queue.get_nowait()
-            except queue.Empty:
-                return
-            if r is not _STOP:
-                r.loop.call_soon_threadsafe(_resolve, r.future, None, error)
+                loop.call_soon_threadsafe(_deliver, loop_outcomes)
+            except RuntimeError:  # that loop is closed: nobody is waiting any more
+                pass
+
+    def _fail_pending(self, why: str) -> None:
+        with self._cond:
+            pending = list(self._pending)
+            self._pending.clear()
+        if pending:
+            log.info("model pool %s: %s; failing %d queued requests", self.name, why, len(pending))
+            self._post(pending, [(r.future, None, PoolClosed(f"model pool {self.name} {why}")) for r in pending])
 
 
 class ModelPool:
-    """One per process, created in the app lifespan. Owns the speaker embedder and its batching worker (the place
-    where more models' workers go, e.g. batched VAD). Holds no per-stream state."""
+    """One per process, created in the app lifespan; holds no per-stream state. Owns the speaker embedder and its
+    batching worker (the place where more models' workers go later, e.g. batched VAD)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, torch_threads: int | None = None) -> None:
         self._settings = settings
         self._embedder = None
         self._load_lock = asyncio.Lock()
-        self._worker = BatchingWorker("speaker", self._embed_batch, settings.pool_max_batch,
-                                      settings.pool_max_wait_ms, settings.pool_queue_size)
+        self.torch_threads = torch_threads
+        self._speaker = BatchingWorker("speaker", self._embed_batch, settings.pool_max_batch,
+                                       settings.pool_max_wait_ms, settings.pool_queue_size,
+                                       thread_init=self._init_worker_thread)
 
     @classmethod
-    async def create(cls, settings: Settings) -> ModelPool:
-        pool = cls(settings)
-        if not settings.lazy_models:
+    async def create(cls, settings: Settings, embedder: Any | None = None,
+                     torch_threads: int | None = None) -> ModelPool:
+        """Loads (`streaming.speaker.load_embedder`, in a thread) and warms up the embedder unless
+        `settings.lazy_models`; starts the workers.
+
+        `embedder`: an already loaded and warmed-up `SpeakerEmbedder` to use instead (tests, benchmarks).
+        `torch_threads`: torch intra-op threads in the worker threads; default: the process-wide
+        `torch.get_num_threads()` (OMP_NUM_THREADS, or what the process set), applied in each worker thread because a
+        thread that did not set it itself runs small batches several times slower (measured, bench/embeddings.py)."""
+        pool = cls(settings, torch_threads)
+        if embedder is not None:
+            pool._embedder = embedder
+        elif not settings.lazy_models:
             await pool.ensure_loaded()
-        pool._worker.start()
+        pool._speaker.start()
         return pool
 
     async def ensure_loaded(self) -> None:
+        """Loads and warms up the speaker embedder once (at start-up, or on first use with LAZY_MODELS)."""
         if self._embedder is not None:
             return
         async with self._load_lock:
@@ -195,12 +311,17 @@ class ModelPool:
                 from streaming.speaker import load_embedder
 
                 embedder = await asyncio.to_thread(load_embedder, self._settings)
-                # Warm-up: resemblyzer's first call compiles (numba) for seconds; not on the first user's time.
+                # resemblyzer's first call compiles (numba) for seconds: not on the first user's time
                 await asyncio.to_thread(embedder.warm_up)
                 self._embedder = embedder
                 log.info("speaker embedder ready: %s (dim %d)", embedder.name, embedder.dim)
 
-    def _embed_batch(self, clips: list[np.ndarray]) -> np.ndarray:
+    def _init_worker_thread(self) -> None:  # worker thread
+        import torch
+
+        torch.set_num_threads(self.torch_threads or torch.get_num_threads())
+
+    def _embed_batch(self, clips: list[np.ndarray]) -> np.ndarray:  # worker thread
         return self._embedder.embed_batch(clips)
 
     @property
@@ -221,21 +342,36 @@ class ModelPool:
         return self._embedder.dim
 
     @property
+    def saturation(self) -> float:
+        return self._speaker.saturation
+
+    @property
     def saturated(self) -> bool:
-        return self._worker.saturation >= 0.9
+        return self._speaker.saturation >= SATURATED_AT
 
     def stats(self) -> dict[str, Any]:
-        return {"speaker": self._worker.stats(), "loaded": self.loaded}
+        return {"loaded": self.loaded, "speaker": self._speaker.stats()}
 
     async def embed(self, clip: np.ndarray) -> np.ndarray:
+        """One (dim,) embedding."""
         return (await self.embed_many([clip]))[0]
 
     async def embed_many(self, clips: Sequence[np.ndarray]) -> np.ndarray:
-        """(n, dim) embeddings; the clips join batches with every other connection's."""
+        """(n, dim) float32 embeddings, unit norm; the clips join batches with every other connection's.
+
+        Raises ValueError for an unusable clip (checked here, so it fails only its own request, not a whole batch),
+        PoolSaturated when the queue is full, PoolClosed after `close()`."""
         await self.ensure_loaded()
-        if not clips:
-            return np.zeros((0, self._embedder.dim), np.float32)
-        return np.stack(await self._worker.submit_many(list(clips)))
+        embedder = self._embedder
+        if not len(clips):
+            return np.zeros((0, embedder.dim), np.float32)
+        checked = []
+        for i, clip in enumerate(clips):
+            try:
+                checked.append(embedder.check_clip(clip))
+            except ValueError as e:
+                raise ValueError(f"clip {i}: {e}") from None
+        return np.stack(await self._speaker.submit_many(checked))
 
     async def close(self) -> None:
-        await asyncio.to_thread(self._worker.stop)
+        await asyncio.to_thread(self._speaker.stop)

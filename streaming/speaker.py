@@ -486,6 +486,35 @@ class OnlineClusters:
             self._alias[gone] = keep
             self._merges.append((gone, keep))
 
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """The state as plain arrays (for storage with the conversation, so labels survive a reconnect)."""
+        if not self._sums:
+            empty = np.zeros((0, 0))
+            return {"sums": empty, "seconds": np.zeros(0), "alias": np.zeros((0, 2), np.int64),
+                    "members": empty.astype(np.float32), "member_counts": np.zeros(0, np.int64)}
+        dim = len(self._sums[0])
+        return {
+            "sums": np.array(self._sums, np.float64).reshape(-1, dim),
+            "seconds": np.array(self.seconds, np.float64),
+            "alias": np.array(sorted(self._alias.items()), np.int64).reshape(-1, 2),
+            "members": np.array([m for ms in self._members for m in ms], np.float32).reshape(-1, dim),
+            "member_counts": np.array([len(ms) for ms in self._members], np.int64),
+        }
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray], assign_threshold: float,
+                    merge_threshold: float) -> OnlineClusters:
+        oc = cls(assign_threshold, merge_threshold)
+        oc._sums = [row.copy() for row in arrays["sums"]]
+        oc.seconds = [float(x) for x in arrays["seconds"]]
+        oc._alias = {int(a): int(b) for a, b in arrays["alias"]}
+        members, i = [], 0
+        for n in arrays["member_counts"]:
+            members.append([row for row in arrays["members"][i : i + n]])
+            i += n
+        oc._members = members
+        return oc
+
     def drain_merges(self) -> list[tuple[int, int]]:
         """(merged id, surviving id) pairs since the last call."""
         merges, self._merges = self._merges, []

@@ -11,6 +11,7 @@ All state here belongs to one connection's `Pipeline`.
 
 from __future__ import annotations
 
+import io
 import logging
 from dataclasses import dataclass
 
@@ -147,6 +148,33 @@ class SpeakerTagger:
             return False
         ident.is_user, ident.person_id = is_user, person_id
         return True
+
+    def export_state(self) -> bytes:
+        """The conversation's clusters and identities, to store with the conversation."""
+        arrays = self.clusters.to_arrays()
+        ids = sorted(self._identity)
+        arrays["identity_clusters"] = np.array(ids, np.int64)
+        arrays["identity_flags"] = np.array([[self._identity[i].is_user, self._identity[i].assigned] for i in ids],
+                                            bool).reshape(-1, 2)
+        arrays["identity_people"] = np.array([self._identity[i].person_id or "" for i in ids], dtype=np.str_)
+        arrays["last"] = np.array([-1 if self._last is None else self._last], np.int64)
+        buf = io.BytesIO()
+        np.savez_compressed(buf, **arrays)
+        return buf.getvalue()
+
+    def import_state(self, state: bytes) -> None:
+        """Continue a conversation: its speakers keep their labels. Windows restart (a new stream's audio)."""
+        with np.load(io.BytesIO(state), allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+        self.clusters = OnlineClusters.from_arrays(arrays, self.clusters.assign_threshold,
+                                                   self.clusters.merge_threshold)
+        self._identity = {
+            int(c): _ClusterIdentity(bool(flags[0]), str(person) or None, bool(flags[1]))
+            for c, flags, person in zip(arrays["identity_clusters"], arrays["identity_flags"],
+                                        arrays["identity_people"], strict=True)
+        }
+        last = int(arrays["last"][0])
+        self._last = None if last < 0 else last
 
     def assign(self, cluster: int, person_id: str) -> np.ndarray:
         """The client says this cluster is `person_id`: fixed for the rest of the conversation. Returns the

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -133,7 +134,8 @@ async def stream_frames(url: str, frames: list[bytes | str], headers: dict[str, 
     from websockets.exceptions import ConnectionClosed
 
     result = StreamResult()
-    headers = {"Authorization": "Bearer test-user"} if headers is None else headers
+    # A fresh user per stream unless told: a user's next stream continues their conversation (and its clock).
+    headers = {"Authorization": f"Bearer user-{uuid.uuid4().hex[:12]}"} if headers is None else headers
     changed = asyncio.Event()
     async with connect(url, additional_headers=headers, max_size=None, open_timeout=30) as ws:
 

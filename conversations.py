@@ -1,0 +1,191 @@
+"""Conversation lifecycle (the Omi contract, with its gaps closed).
+
+- On connect: continue the user's `in_progress` conversation if its last speech is younger than its timeout (new
+  segment times continue where it left off), else start a new one.
+- Every final segment is persisted before it is sent to the client.
+- `timeout_s` after the last speech a conversation is closed: status `processing`, then `completed` (or
+  `discarded` when it has no speech), with its segments merged and a title and overview made without an LLM.
+  Connected clients of that user get `memory_processing_started` and `memory_created`. The sweep job closes the
+  conversations whose client went away, so none stays `in_progress` until the user reconnects.
+
+`ConversationService` is shared (one per app) and holds no per-stream state, only the registry of which
+connections of a user are listening for conversation events.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from abc import ABC, abstractmethod
+from collections import defaultdict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from storage import Storage
+from storage.base import Conversation, Segment
+
+log = logging.getLogger(__name__)
+
+MERGE_GAP_S = 1.0  # consecutive segments of one speaker closer than this become one (Omi merges the same way)
+TITLE_MAX_CHARS = 80
+
+Listener = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class Summary:
+    title: str
+    overview: str
+
+
+class Summarizer(ABC):
+    """Makes a title and overview of a finished conversation. An LLM summariser can implement this later."""
+
+    @abstractmethod
+    async def summarize(self, conversation: Conversation, segments: list[Segment]) -> Summary: ...
+
+
+class PlainSummarizer(Summarizer):
+    """No LLM: the first sentence as the title; word count, speakers and duration as the overview."""
+
+    async def summarize(self, conversation: Conversation, segments: list[Segment]) -> Summary:
+        text = " ".join(s.text for s in segments).strip()
+        first = re.split(r"(?<=[.!?])\s", text, maxsplit=1)[0]
+        title = first if len(first) <= TITLE_MAX_CHARS else first[: TITLE_MAX_CHARS - 1].rsplit(" ", 1)[0] + "…"
+        speakers = sorted({s.speaker for s in segments})
+        people = {s.person_id for s in segments if s.person_id}
+        minutes = max(s.end for s in segments) / 60 if segments else 0.0
+        user_words = sum(len(s.text.split()) for s in segments if s.is_user)
+        overview = (f"{len(text.split())} words in {minutes:.1f} min, {len(speakers)} speaker"
+                    f"{'s' if len(speakers) != 1 else ''}" + (f", {len(people)} known" if people else "")
+                    + (f"; you said {user_words} words" if user_words else "") + ".")
+        return Summary(title=title, overview=overview)
+
+
+def merge_segments(segments: list[Segment]) -> list[Segment]:
+    """Consecutive segments of the same speaker with a gap under MERGE_GAP_S become one. Pure."""
+    merged: list[Segment] = []
+    for seg in sorted(segments, key=lambda s: s.start):
+        last = merged[-1] if merged else None
+        if last is not None and last.speaker_id == seg.speaker_id and seg.start - last.end < MERGE_GAP_S:
+            merged[-1] = Segment(last.id, last.conversation_id, f"{last.text} {seg.text}", last.speaker,
+                                 last.speaker_id, last.is_user, last.person_id, last.start, max(last.end, seg.end))
+        else:
+            merged.append(seg)
+    return merged
+
+
+def conversation_event(kind: str, conversation: Conversation, segments: list[Segment] | None = None) -> dict:
+    body: dict[str, Any] = {
+        "id": conversation.id, "status": conversation.status, "started_at": conversation.started_at,
+        "finished_at": conversation.finished_at, "title": conversation.title, "overview": conversation.overview,
+        "language": conversation.language, "source": conversation.source,
+    }
+    if segments is not None:
+        body["transcript_segments"] = [
+            {"id": s.id, "text": s.text, "speaker": s.speaker, "speaker_id": s.speaker_id, "is_user": s.is_user,
+             "person_id": s.person_id, "start": s.start, "end": s.end} for s in segments
+        ]
+    return {"type": kind, "memory": body}
+
+
+class ConversationClosed(Exception):
+    """The conversation was closed (by the sweep, maybe on another replica) while its stream went on."""
+
+
+class ConversationService:
+    def __init__(self, storage: Storage, summarizer: Summarizer | None = None) -> None:
+        self.storage = storage
+        self.summarizer = summarizer or PlainSummarizer()
+        self._listeners: dict[str, set[Listener]] = defaultdict(set)
+        self._closing: set[str] = set()
+
+    # -- connections ---------------------------------------------------------------------------------------------
+
+    def listen(self, uid: str, listener: Listener) -> Callable[[], None]:
+        """A connection of `uid` wants conversation events. Returns the function that stops it."""
+        self._listeners[uid].add(listener)
+
+        def stop() -> None:
+            self._listeners[uid].discard(listener)
+            if not self._listeners[uid]:
+                del self._listeners[uid]
+
+        return stop
+
+    async def _notify(self, uid: str, event: dict[str, Any]) -> None:
+        for listener in list(self._listeners.get(uid, ())):
+            try:
+                await listener(event)
+            except Exception as exc:  # one closed socket must not stop the others
+                log.debug("listener failed: %s", exc)
+
+    async def attach(self, uid: str, language: str, timeout_s: float, now: float | None = None) -> Conversation:
+        """The conversation a new stream continues, or a new one."""
+        now = time.time() if now is None else now
+        for conv in await self.storage.list_conversations(uid, status="in_progress", limit=5):
+            if now - conv.last_activity_at < conv.timeout_s and conv.id not in self._closing:
+                conv.timeout_s = timeout_s
+                await self.storage.save_conversation(conv)
+                return conv
+        conv = Conversation(uid=uid, language=language, timeout_s=timeout_s, started_at=now, last_activity_at=now)
+        await self.storage.save_conversation(conv)
+        return conv
+
+    async def stream_ended(self, conversation: Conversation, end_s: float) -> None:
+        """A stream of this conversation ended at conversation time `end_s`: a continuing stream resumes there."""
+        stored = await self.storage.get_conversation(conversation.uid, conversation.id)
+        if stored is not None and stored.status == "in_progress":
+            stored.duration_s = max(stored.duration_s, end_s)
+            await self.storage.save_conversation(stored)
+
+    async def last_memory(self, uid: str) -> Conversation | None:
+        done = await self.storage.list_conversations(uid, status="completed", limit=1)
+        return done[0] if done else None
+
+    async def record(self, conversation: Conversation, segments: list[Segment], now: float | None = None) -> None:
+        """Persist segments (before they are sent) and mark the speech as activity. Raises ConversationClosed if
+        the conversation was closed meanwhile: the caller starts a new one."""
+        stored = await self.storage.get_conversation(conversation.uid, conversation.id)
+        if stored is None or stored.status != "in_progress" or conversation.id in self._closing:
+            raise ConversationClosed(conversation.id)
+        await self.storage.upsert_segments(conversation.uid, segments)
+        conversation.last_activity_at = time.time() if now is None else now
+        conversation.duration_s = max([conversation.duration_s] + [s.end for s in segments])
+        await self.storage.save_conversation(conversation)
+
+    # -- closing -------------------------------------------------------------------------------------------------
+
+    async def close(self, conversation: Conversation, now: float | None = None) -> Conversation:
+        """in_progress → processing → completed | discarded, with events to the user's connections."""
+        if conversation.id in self._closing:
+            return conversation
+        self._closing.add(conversation.id)
+        try:
+            conversation.status = "processing"
+            await self.storage.save_conversation(conversation)
+            await self._notify(conversation.uid, conversation_event("memory_processing_started", conversation))
+            segments = merge_segments(await self.storage.list_segments(conversation.uid, conversation.id))
+            conversation.finished_at = time.time() if now is None else now
+            if not any(s.text.strip() for s in segments):
+                conversation.status = "discarded"
+            else:
+                summary = await self.summarizer.summarize(conversation, segments)
+                conversation.title, conversation.overview = summary.title, summary.overview
+                conversation.status = "completed"
+            await self.storage.save_conversation(conversation)
+            await self._notify(conversation.uid, conversation_event("memory_created", conversation, segments))
+            log.info("conversation %s %s (%d segments)", conversation.id, conversation.status, len(segments))
+            return conversation
+        finally:
+            self._closing.discard(conversation.id)
+
+    async def close_expired(self, now: float | None = None) -> int:
+        """The sweep: close every conversation whose timeout has passed. Returns how many."""
+        now = time.time() if now is None else now
+        expired = await self.storage.conversations_to_close(now)
+        for conv in expired:
+            await self.close(conv, now)
+        return len(expired)
