@@ -13,6 +13,12 @@ async def open_storage(settings: Settings) -> Storage:
         from storage.sqlite import SqliteStorage
 
         store: Storage = SqliteStorage(settings.sqlite_path)
+    elif settings.database_choice == "postgres":
+        from storage.postgres import PostgresStorage
+
+        if settings.postgres_url is None:
+            raise ValueError("DATABASE_CHOICE=postgres needs POSTGRES_URL")
+        store = PostgresStorage(settings.postgres_url.get_secret_value())
     else:
         raise ValueError(f"DATABASE_CHOICE={settings.database_choice} is not available yet (only sqlite)")
     await store.open()

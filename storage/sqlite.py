@@ -127,24 +127,29 @@ class SqliteStorage(Storage):
     # -- profiles ----------------------------------------------------------------------------------------------
 
     async def save_profile(self, profile: SpeakerProfile) -> None:
+        if profile.embeddings.ndim != 2:
+            raise ValueError("embeddings must be (n, dim)")
+
         def save() -> None:
             db = self._db
             with _transaction(db):
                 if profile.kind == "user":  # one user profile per uid: a new enrolment replaces the old one
                     db.execute("DELETE FROM speaker_profiles WHERE uid = ? AND kind = 'user' AND id != ?",
                                (profile.uid, profile.id))
-                db.execute(
-                    "INSERT OR REPLACE INTO speaker_profiles VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (profile.id, profile.uid, profile.kind, profile.name, profile.model,
-                     int(profile.embeddings.shape[1]), profile.speech_seconds, profile.created_at,
-                     profile.updated_at),
-                )
+                _upsert(db, "speaker_profiles", "id",
+                        {"id": profile.id, "uid": profile.uid, "kind": profile.kind, "name": profile.name,
+                         "model": profile.model, "dim": int(profile.embeddings.shape[1]),
+                         "speech_seconds": profile.speech_seconds, "created_at": profile.created_at,
+                         "updated_at": profile.updated_at})
                 db.execute("DELETE FROM speaker_embeddings WHERE profile_id = ?", (profile.id,))
                 _insert_embeddings(db, profile.id, profile.embeddings, 0)
 
         await self._run(save)
 
     async def add_profile_embeddings(self, uid: str, profile_id: str, embeddings: np.ndarray, seconds: float) -> bool:
+        if embeddings.ndim != 2:
+            raise ValueError("embeddings must be (n, dim)")
+
         def add() -> bool:
             db = self._db
             with _transaction(db):
@@ -198,8 +203,9 @@ class SqliteStorage(Storage):
     # -- users -------------------------------------------------------------------------------------------------
 
     async def save_user(self, user: User) -> None:
-        await self._run(self._write, "INSERT OR REPLACE INTO users VALUES (?, ?, ?, ?, ?)",
-                        (user.uid, user.time_zone, user.webhook_url, user.fcm_token, user.created_at))
+        await self._run(self._upsert, "users", "uid",
+                        {"uid": user.uid, "time_zone": user.time_zone, "webhook_url": user.webhook_url,
+                         "fcm_token": user.fcm_token, "created_at": user.created_at})
 
     async def get_user(self, uid: str) -> User | None:
         rows = await self._run(self._read, "SELECT * FROM users WHERE uid = ?", (uid,))
@@ -211,10 +217,7 @@ class SqliteStorage(Storage):
     # -- conversations -------------------------------------------------------------------------------------------
 
     async def save_conversation(self, c: Conversation) -> None:
-        cols = ", ".join(_CONVERSATION_FIELDS)
-        marks = ", ".join("?" * len(_CONVERSATION_FIELDS))
-        await self._run(self._write, f"INSERT OR REPLACE INTO conversations ({cols}) VALUES ({marks})",
-                        tuple(getattr(c, f) for f in _CONVERSATION_FIELDS))
+        await self._run(self._upsert, "conversations", "id", {f: getattr(c, f) for f in _CONVERSATION_FIELDS})
 
     async def get_conversation(self, uid: str, conversation_id: str) -> Conversation | None:
         found = await self._conversations("uid = ? AND id = ?", (uid, conversation_id))
@@ -256,12 +259,11 @@ class SqliteStorage(Storage):
                                              (seg.conversation_id,)).fetchone()
                     if owner is None or owner[0] != uid:
                         raise KeyError(f"no conversation {seg.conversation_id} for this user")
-                self._db.executemany(
-                    'INSERT OR REPLACE INTO segments (id, conversation_id, uid, text, speaker, speaker_id, is_user, '
-                    'person_id, start, "end") VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)',
-                    [(s.id, s.conversation_id, uid, s.text, s.speaker, s.speaker_id, int(s.is_user), s.person_id,
-                      s.start, s.end) for s in segments],
-                )
+                for seg in segments:
+                    _upsert(self._db, "segments", "id",
+                            {"id": seg.id, "conversation_id": seg.conversation_id, "uid": uid, "text": seg.text,
+                             "speaker": seg.speaker, "speaker_id": seg.speaker_id, "is_user": int(seg.is_user),
+                             "person_id": seg.person_id, "start": seg.start, "end": seg.end})
 
         if segments:
             await self._run(upsert)
@@ -275,8 +277,11 @@ class SqliteStorage(Storage):
     # -- speaker state -------------------------------------------------------------------------------------------
 
     async def save_speaker_state(self, uid: str, conversation_id: str, state: bytes) -> None:
-        await self._run(self._write, "INSERT OR REPLACE INTO speaker_states VALUES (?, ?, ?)",
-                        (conversation_id, uid, state))
+        try:
+            await self._run(self._upsert, "speaker_states", "conversation_id",
+                            {"conversation_id": conversation_id, "uid": uid, "state": state})
+        except sqlite3.IntegrityError:
+            raise KeyError(f"no conversation {conversation_id} for this user") from None
 
     async def load_speaker_state(self, uid: str, conversation_id: str) -> bytes | None:
         rows = await self._run(self._read, "SELECT state FROM speaker_states WHERE uid = ? AND conversation_id = ?",
@@ -319,6 +324,10 @@ class SqliteStorage(Storage):
         with _transaction(self._db):
             return self._db.execute(sql, args).rowcount
 
+    def _upsert(self, table: str, key: str, row: dict[str, Any]) -> None:
+        with _transaction(self._db):
+            _upsert(self._db, table, key, row)
+
 
 class _transaction:
     def __init__(self, db: sqlite3.Connection) -> None:
@@ -329,6 +338,18 @@ class _transaction:
 
     def __exit__(self, exc_type, *_: object) -> None:
         self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+
+
+def _upsert(db: sqlite3.Connection, table: str, key: str, row: dict[str, Any]) -> None:
+    """Insert, or update in place (never INSERT OR REPLACE: its delete would cascade to the row's children). A row
+    of the same id that belongs to another uid is not touched: KeyError."""
+    cols = ", ".join(f'"{c}"' for c in row)
+    updates = ", ".join(f'"{c}" = excluded."{c}"' for c in row if c != key)
+    guard = f" WHERE {table}.uid = excluded.uid" if "uid" in row and key != "uid" else ""
+    cur = db.execute(f"INSERT INTO {table} ({cols}) VALUES ({', '.join('?' * len(row))}) "
+                     f'ON CONFLICT ("{key}") DO UPDATE SET {updates}{guard}', tuple(row.values()))
+    if cur.rowcount == 0:
+        raise KeyError(f"{table} {row[key]} belongs to another user")
 
 
 def _insert_embeddings(db: sqlite3.Connection, profile_id: str, embeddings: np.ndarray, start: int) -> None:

@@ -1,0 +1,690 @@
+"""The storage contract: one suite, run against every backend that can run here (`BACKENDS`).
+
+Adding a backend = one more entry in `BACKENDS` and one more branch in `make_store`. PostgreSQL runs on the local
+server (TEST_POSTGRES_URL, default postgresql://postgres@127.0.0.1:5432/test), each test in a fresh, randomly named
+schema dropped afterwards; it is skipped when the server cannot be reached, unless CI is set (then it fails).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import asyncpg
+import numpy as np
+import pytest
+
+from storage.base import Conversation, Segment, SpeakerProfile, Storage, User
+
+BACKENDS = ["sqlite", "postgres"]
+PG_DSN = os.environ.get("TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+T0 = 1_700_000_000.0
+DIM = 8
+
+# -- backends --------------------------------------------------------------------------------------------------------
+
+_pg_unreachable: list[str] = []  # the reason, once known (checked once per session)
+_pg_checked = False
+
+
+async def require_postgres() -> None:
+    global _pg_checked
+    if not _pg_checked:
+        _pg_checked = True
+        try:
+            con = await asyncpg.connect(PG_DSN, timeout=5)
+            await con.close()
+        except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
+            _pg_unreachable.append(f"PostgreSQL at TEST_POSTGRES_URL is unreachable ({type(exc).__name__})")
+    if _pg_unreachable:
+        if os.environ.get("CI"):
+            pytest.fail(f"{_pg_unreachable[0]}, and CI is set: the postgres contract must run")
+        pytest.skip(_pg_unreachable[0])
+
+
+async def drop_schema(schema: str) -> None:
+    con = await asyncpg.connect(PG_DSN)
+    try:
+        await con.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    finally:
+        await con.close()
+
+
+def fresh_schema() -> str:
+    return f"contract_{uuid.uuid4().hex[:16]}"
+
+
+@contextlib.asynccontextmanager
+async def make_store(kind: str, tmp_path: Path) -> AsyncIterator[Storage]:
+    """An open, empty store of this backend, closed (and its data dropped) afterwards."""
+    if kind == "sqlite":
+        from storage.sqlite import SqliteStorage
+
+        store: Storage = SqliteStorage(tmp_path / "contract.sqlite3")
+        await store.open()
+        try:
+            yield store
+        finally:
+            await store.close()
+    elif kind == "postgres":
+        from storage.postgres import PostgresStorage
+
+        await require_postgres()
+        schema = fresh_schema()
+        store = PostgresStorage(PG_DSN, schema=schema)
+        try:
+            await store.open()
+            yield store
+        finally:
+            await store.close()
+            await drop_schema(schema)
+    else:
+        raise ValueError(f"unknown backend {kind}")
+
+
+@pytest.fixture(params=BACKENDS)
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Storage]:
+    async with make_store(request.param, tmp_path) as opened:
+        yield opened
+
+
+# -- builders ----------------------------------------------------------------------------------------------------------
+
+
+def unit_vectors(n: int, dim: int = DIM, seed: int = 0) -> np.ndarray:
+    v = np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def profile(uid: str, kind: str = "person", n: int = 2, seed: int = 0, **kw) -> SpeakerProfile:
+    return SpeakerProfile(uid=uid, kind=kind, model="test-embedder", embeddings=unit_vectors(n, seed=seed), **kw)
+
+
+def conversation(uid: str, started: float = T0, **kw) -> Conversation:
+    kw.setdefault("last_activity_at", started)
+    return Conversation(uid=uid, started_at=started, **kw)
+
+
+def segment(conversation_id: str, sid: str, start: float, end: float | None = None, text: str = "hello",
+            **kw) -> Segment:
+    kw.setdefault("speaker", "SPEAKER_0")
+    kw.setdefault("speaker_id", 0)
+    kw.setdefault("is_user", False)
+    kw.setdefault("person_id", None)
+    return Segment(id=sid, conversation_id=conversation_id, text=text, start=start,
+                   end=start + 1.0 if end is None else end, **kw)
+
+
+def same_profile(a: SpeakerProfile, b: SpeakerProfile) -> bool:
+    return (a.id, a.uid, a.kind, a.model, a.name, a.speech_seconds, a.created_at, a.updated_at) == \
+        (b.id, b.uid, b.kind, b.model, b.name, b.speech_seconds, b.created_at, b.updated_at) and \
+        a.embeddings.dtype == b.embeddings.dtype == np.float32 and a.embeddings.shape == b.embeddings.shape and \
+        a.embeddings.tobytes() == b.embeddings.tobytes()
+
+
+# -- basics ------------------------------------------------------------------------------------------------------------
+
+
+async def test_ping_while_open_and_not_after_close(store: Storage) -> None:
+    assert await store.ping() is True
+    await store.close()
+    assert await store.ping() is False
+
+
+# -- speaker profiles --------------------------------------------------------------------------------------------------
+
+
+async def test_profiles_save_list_get_delete(store: Storage) -> None:
+    alice = profile("a", name="Alice", seed=1, speech_seconds=12.5, created_at=T0 + 1)
+    bob = profile("a", name="Bob", seed=2, created_at=T0 + 2)
+    me = profile("a", kind="user", seed=3, created_at=T0)
+    for p in (bob, alice, me):
+        await store.save_profile(p)
+
+    listed = await store.list_profiles("a")
+    assert [p.id for p in listed] == [me.id, alice.id, bob.id]  # oldest first
+    assert all(same_profile(got, want) for got, want in zip(listed, (me, alice, bob), strict=True))
+    assert same_profile(await store.get_profile("a", alice.id), alice)
+    assert same_profile(await store.user_profile("a"), me)
+    assert await store.get_profile("a", "nope") is None
+
+    alice.name, alice.embeddings = "Alice B.", unit_vectors(1, seed=9)  # save again: replaced, embeddings too
+    await store.save_profile(alice)
+    assert same_profile(await store.get_profile("a", alice.id), alice)
+
+    assert await store.delete_profile("a", alice.id) is True
+    assert await store.delete_profile("a", alice.id) is False
+    assert await store.get_profile("a", alice.id) is None
+    assert [p.id for p in await store.list_profiles("a")] == [me.id, bob.id]
+
+
+async def test_profile_without_embeddings(store: Storage) -> None:
+    empty = SpeakerProfile(uid="a", kind="person", model="m", embeddings=np.zeros((0, DIM), np.float32), name="X")
+    await store.save_profile(empty)
+    got = await store.get_profile("a", empty.id)
+    assert got.embeddings.shape == (0, DIM)
+    assert await store.add_profile_embeddings("a", empty.id, unit_vectors(1), 3.0) is True
+    assert (await store.get_profile("a", empty.id)).embeddings.shape == (1, DIM)
+
+
+async def test_user_profile_is_replaced_by_a_new_enrolment(store: Storage) -> None:
+    first = profile("a", kind="user", seed=1)
+    person = profile("a", name="Pat", seed=2)
+    other_user = profile("b", kind="user", seed=3)
+    for p in (first, person, other_user):
+        await store.save_profile(p)
+    second = profile("a", kind="user", seed=4)
+    await store.save_profile(second)
+
+    assert same_profile(await store.user_profile("a"), second)
+    assert await store.get_profile("a", first.id) is None
+    assert {p.id for p in await store.list_profiles("a")} == {second.id, person.id}
+    assert same_profile(await store.user_profile("b"), other_user)  # another uid's is untouched
+
+    racing = [profile("a", kind="user", seed=10 + i) for i in range(5)]  # enrolments at once: one survives
+    await asyncio.gather(*(store.save_profile(p) for p in racing))
+    users = [p for p in await store.list_profiles("a") if p.kind == "user"]
+    assert len(users) == 1 and users[0].id in {p.id for p in racing}
+
+
+async def test_add_profile_embeddings_appends_and_validates(store: Storage) -> None:
+    p = profile("a", n=2, seed=1, speech_seconds=10.0, updated_at=T0)
+    await store.save_profile(p)
+    more = unit_vectors(3, seed=2)
+    assert await store.add_profile_embeddings("a", p.id, more, 7.5) is True
+    got = await store.get_profile("a", p.id)
+    assert got.embeddings.tobytes() == np.concatenate([p.embeddings, more]).tobytes()  # appended, in order
+    assert got.speech_seconds == 17.5 and got.updated_at > T0
+
+    with pytest.raises(ValueError):
+        await store.add_profile_embeddings("a", p.id, unit_vectors(1, dim=DIM + 1), 1.0)
+    assert await store.add_profile_embeddings("a", "no-such-profile", more, 1.0) is False
+    assert await store.add_profile_embeddings("b", p.id, more, 1.0) is False  # another user's profile
+    after = await store.get_profile("a", p.id)
+    assert after.embeddings.shape == (5, DIM) and after.speech_seconds == 17.5  # nothing written by the failures
+
+
+async def test_embeddings_round_trip_bit_exactly(store: Storage) -> None:
+    tricky = np.array([[0.0, -0.0, 1e-45, -3.4028235e38, 3.4028235e38, np.pi, 1 / 3, np.nan],
+                       [np.inf, -np.inf, 1.1754942e-38, 0.1, -0.1, 2.5e-8, 7.0, -1.0]], dtype=np.float32)
+    p = SpeakerProfile(uid="a", kind="person", model="m", embeddings=tricky)
+    await store.save_profile(p)
+    await store.add_profile_embeddings("a", p.id, tricky[::-1].copy(), 0.0)
+    got = (await store.get_profile("a", p.id)).embeddings
+    assert got.dtype == np.float32 and got.shape == (4, 8)
+    assert got.tobytes() == np.concatenate([tricky, tricky[::-1]]).tobytes()
+    got[0, 0] = 5.0  # a writable copy, not a view of the driver's buffer
+
+
+async def test_profiles_are_isolated_between_users(store: Storage) -> None:
+    mine = profile("a", kind="user", seed=1)
+    theirs = profile("a", name="Friend", seed=2)
+    await store.save_profile(mine)
+    await store.save_profile(theirs)
+
+    assert await store.list_profiles("b") == []
+    assert await store.user_profile("b") is None
+    assert await store.get_profile("b", theirs.id) is None
+    assert await store.delete_profile("b", theirs.id) is False
+    assert await store.add_profile_embeddings("b", theirs.id, unit_vectors(1), 1.0) is False
+    await store.save_profile(profile("b", kind="user", seed=3))  # b's enrolment does not replace a's
+    assert same_profile(await store.user_profile("a"), mine)
+    assert len(await store.list_profiles("a")) == 2
+
+
+async def test_saving_a_profile_with_another_users_id_is_refused(store: Storage, request) -> None:
+    mine = profile("a", name="Alice", seed=1)
+    await store.save_profile(mine)
+    with pytest.raises(KeyError):
+        await store.save_profile(profile("b", name="Mallory", seed=2, id=mine.id))
+    assert same_profile(await store.get_profile("a", mine.id), mine)
+
+
+# -- users -------------------------------------------------------------------------------------------------------------
+
+
+async def test_users_save_get_list(store: Storage) -> None:
+    assert await store.get_user("a") is None and await store.list_users() == []
+    b = User(uid="b", time_zone="Europe/Paris", webhook_url="https://example.org/hook", fcm_token="tok",
+             created_at=T0)
+    a = User(uid="a", created_at=T0 + 1)
+    await store.save_user(b)
+    await store.save_user(a)
+    assert await store.get_user("b") == b
+    assert await store.list_users() == [a, b]  # by uid
+
+    b.time_zone, b.webhook_url = "America/New_York", None
+    await store.save_user(b)
+    assert await store.get_user("b") == b
+    assert len(await store.list_users()) == 2
+
+
+# -- conversations -----------------------------------------------------------------------------------------------------
+
+
+async def test_conversation_round_trip_and_update(store: Storage) -> None:
+    c = conversation("a", language="fr", source="phone", timeout_s=45.5)
+    await store.save_conversation(c)
+    assert await store.get_conversation("a", c.id) == c
+    assert await store.get_conversation("b", c.id) is None
+    assert await store.get_conversation("a", "nope") is None
+
+    c.status, c.finished_at, c.duration_s, c.title, c.overview = "completed", T0 + 99.25, 98.5, "Title", "About"
+    c.last_activity_at = T0 + 90.125
+    await store.save_conversation(c)
+    assert await store.get_conversation("a", c.id) == c
+    assert await store.list_conversations("a") == [c]
+
+
+async def test_updating_a_conversation_keeps_its_segments_and_speaker_state(store: Storage, request) -> None:
+    c = conversation("a")
+    await store.save_conversation(c)
+    segments = [segment(c.id, "s1", 0.0), segment(c.id, "s2", 1.5)]
+    await store.upsert_segments("a", segments)
+    await store.save_speaker_state("a", c.id, b"clusters")
+
+    c.last_activity_at, c.duration_s = T0 + 3.0, 2.5  # what every recorded segment does
+    await store.save_conversation(c)
+    assert await store.list_segments("a", c.id) == segments
+    assert await store.load_speaker_state("a", c.id) == b"clusters"
+
+
+async def test_saving_a_conversation_with_another_users_id_is_refused(store: Storage, request) -> None:
+    c = conversation("a", title="mine")
+    await store.save_conversation(c)
+    with pytest.raises(KeyError):
+        await store.save_conversation(conversation("b", title="theirs", id=c.id))
+    assert await store.get_conversation("a", c.id) == c
+    assert await store.get_conversation("b", c.id) is None
+
+
+async def test_list_conversations_newest_first_with_filter_limit_and_paging(store: Storage) -> None:
+    convs = [conversation("a", started=T0 + 10 * i, status="completed" if i % 2 else "in_progress")
+             for i in range(5)]
+    for c in (convs[2], convs[0], convs[4], convs[1], convs[3]):
+        await store.save_conversation(c)
+    await store.save_conversation(conversation("b", started=T0 + 25))
+
+    ids = lambda cs: [c.id for c in cs]  # noqa: E731
+    newest_first = ids(reversed(convs))
+    assert ids(await store.list_conversations("a")) == newest_first
+    assert ids(await store.list_conversations("a", status="completed")) == [convs[3].id, convs[1].id]
+    assert ids(await store.list_conversations("a", status="in_progress", limit=2)) == [convs[4].id, convs[2].id]
+    assert ids(await store.list_conversations("a", status="discarded")) == []
+    assert ids(await store.list_conversations("a", before=T0 + 30)) == [convs[2].id, convs[1].id, convs[0].id]
+
+    pages, before = [], None
+    while page := await store.list_conversations("a", limit=2, before=before):
+        pages.append(ids(page))
+        before = page[-1].started_at
+    assert pages == [newest_first[:2], newest_first[2:4], newest_first[4:]]
+    assert len(await store.list_conversations("b")) == 1
+
+
+async def test_conversations_to_close_by_timeout_across_users(store: Storage) -> None:
+    now = T0 + 1000
+    stale_a = conversation("a", started=T0, last_activity_at=now - 130, timeout_s=120)
+    fresh_a = conversation("a", started=T0, last_activity_at=now - 50, timeout_s=120)
+    stale_b = conversation("b", started=T0, last_activity_at=now - 300, timeout_s=60)
+    done_b = conversation("b", started=T0, last_activity_at=now - 900, timeout_s=60, status="completed")
+    edge_c = conversation("c", started=T0, last_activity_at=now - 120, timeout_s=120)  # exactly timed out
+    for c in (stale_a, fresh_a, stale_b, done_b, edge_c):
+        await store.save_conversation(c)
+
+    assert await store.conversations_to_close(now) == [stale_b, stale_a, edge_c]  # longest idle first
+    assert await store.conversations_to_close(now, limit=2) == [stale_b, stale_a]
+    assert await store.conversations_to_close(now - 1000) == []
+
+
+async def test_delete_conversation_cascades_and_is_per_user(store: Storage) -> None:
+    c, kept = conversation("a"), conversation("a", started=T0 + 5)
+    for conv in (c, kept):
+        await store.save_conversation(conv)
+        await store.upsert_segments("a", [segment(conv.id, f"{conv.id}-1", 0.0), segment(conv.id, f"{conv.id}-2", 2)])
+        await store.save_speaker_state("a", conv.id, b"state-" + conv.id.encode())
+
+    assert await store.delete_conversation("b", c.id) is False  # not b's
+    assert len(await store.list_segments("a", c.id)) == 2
+
+    assert await store.delete_conversation("a", c.id) is True
+    assert await store.get_conversation("a", c.id) is None
+    assert await store.delete_conversation("a", c.id) is False
+    await store.save_conversation(conversation("a", id=c.id))  # the same id again: nothing of the old one left
+    assert await store.list_segments("a", c.id) == []
+    assert await store.load_speaker_state("a", c.id) is None
+    assert len(await store.list_segments("a", kept.id)) == 2
+    assert await store.load_speaker_state("a", kept.id) == b"state-" + kept.id.encode()
+
+
+async def test_retention_deletes_every_users_old_conversations(store: Storage) -> None:
+    old_a, old_b = conversation("a", started=T0 - 100), conversation("b", started=T0 - 1)
+    new_a, edge_b = conversation("a", started=T0 + 10), conversation("b", started=T0)  # not *before* T0
+    for c in (old_a, old_b, new_a, edge_b):
+        await store.save_conversation(c)
+        await store.upsert_segments(c.uid, [segment(c.id, f"{c.id}-s", 0.0)])
+        await store.save_speaker_state(c.uid, c.id, b"s")
+
+    assert await store.delete_conversations_before(T0) == 2
+    assert await store.delete_conversations_before(T0) == 0
+    for gone in (old_a, old_b):
+        assert await store.get_conversation(gone.uid, gone.id) is None
+        assert await store.list_segments(gone.uid, gone.id) == []
+        assert await store.load_speaker_state(gone.uid, gone.id) is None
+    for kept in (new_a, edge_b):
+        assert await store.get_conversation(kept.uid, kept.id) == kept
+        assert len(await store.list_segments(kept.uid, kept.id)) == 1
+        assert await store.load_speaker_state(kept.uid, kept.id) == b"s"
+
+
+# -- segments ----------------------------------------------------------------------------------------------------------
+
+
+async def test_upsert_segments_inserts_replaces_by_id_in_time_order(store: Storage) -> None:
+    c = conversation("a")
+    await store.save_conversation(c)
+    await store.upsert_segments("a", [])  # nothing to do
+
+    late = segment(c.id, "late", 4.0, 5.0, "later on", speaker="SPEAKER_1", speaker_id=1)
+    growing = segment(c.id, "grow", 0.5, 1.0, "hel", is_user=True)
+    await store.upsert_segments("a", [late, growing])
+    assert await store.list_segments("a", c.id) == [growing, late]
+
+    grown = segment(c.id, "grow", 0.5, 2.75, "hello there", is_user=True, person_id="p-1", speaker="Ann")
+    middle = segment(c.id, "mid", 3.0, 3.5, "hm")
+    await store.upsert_segments("a", [grown, middle])
+    assert await store.list_segments("a", c.id) == [grown, middle, late]  # replaced in place, not duplicated
+
+    again = segment(c.id, "mid", 3.0, 3.75, "hmm")
+    await store.upsert_segments("a", [segment(c.id, "mid", 3.0, 3.6, "hm-"), again])  # one id twice: last wins
+    assert await store.list_segments("a", c.id) == [grown, again, late]
+    assert await store.list_segments("b", c.id) == []
+
+
+async def test_upsert_segments_refuses_another_users_conversation(store: Storage) -> None:
+    ca, cb = conversation("a"), conversation("b")
+    await store.save_conversation(ca)
+    await store.save_conversation(cb)
+    with pytest.raises(KeyError):  # one bad segment: the whole batch is refused
+        await store.upsert_segments("b", [segment(cb.id, "ok", 0.0), segment(ca.id, "sneaky", 1.0)])
+    with pytest.raises(KeyError):
+        await store.upsert_segments("a", [segment("no-such-conversation", "x", 0.0)])
+    assert await store.list_segments("a", ca.id) == []
+    assert await store.list_segments("b", cb.id) == []
+    assert await store.list_segments("b", ca.id) == []
+
+
+async def test_upserting_a_segment_id_of_another_user_is_refused(store: Storage, request) -> None:
+    ca, cb = conversation("a"), conversation("b")
+    await store.save_conversation(ca)
+    await store.save_conversation(cb)
+    mine = segment(ca.id, "same-id", 0.0, text="private")
+    await store.upsert_segments("a", [mine])
+    with pytest.raises(KeyError):
+        await store.upsert_segments("b", [segment(cb.id, "same-id", 0.0, text="overwrite")])
+    assert await store.list_segments("a", ca.id) == [mine]
+    assert await store.list_segments("b", cb.id) == []
+
+
+# -- a conversation's speaker state ------------------------------------------------------------------------------------
+
+
+async def test_speaker_state_round_trip_and_overwrite(store: Storage) -> None:
+    c = conversation("a")
+    await store.save_conversation(c)
+    assert await store.load_speaker_state("a", c.id) is None
+    blob = bytes(range(256)) * 40
+    await store.save_speaker_state("a", c.id, blob)
+    assert await store.load_speaker_state("a", c.id) == blob
+    await store.save_speaker_state("a", c.id, b"\x00newer")
+    assert await store.load_speaker_state("a", c.id) == b"\x00newer"
+    assert await store.load_speaker_state("b", c.id) is None
+
+
+async def test_speaker_state_for_another_users_conversation_is_refused(store: Storage, request) -> None:
+    c = conversation("a")
+    await store.save_conversation(c)
+    await store.save_speaker_state("a", c.id, b"mine")
+    with pytest.raises(KeyError):
+        await store.save_speaker_state("b", c.id, b"theirs")
+    assert await store.load_speaker_state("a", c.id) == b"mine"
+
+
+# -- job leases --------------------------------------------------------------------------------------------------------
+
+
+async def test_one_winner_among_concurrent_acquires(store: Storage) -> None:
+    owners = [f"replica-{i}" for i in range(20)]
+    won = await asyncio.gather(*(store.acquire_job_run("digest", "2024-05-01", o, 60.0) for o in owners))
+    assert sum(won) == 1
+    winner = owners[won.index(True)]
+    assert await store.acquire_job_run("digest", "2024-05-02", "replica-0", 60.0) is True  # another run key
+    assert await store.acquire_job_run("retention", "2024-05-01", "replica-0", 60.0) is True  # another job
+
+    for o in owners:  # only the lease holder's result is recorded
+        await store.finish_job_run("digest", "2024-05-01", o, True, o)
+    last = await store.last_job_runs()
+    assert last["digest"]["owner"] == winner and last["digest"]["detail"] == winner
+
+
+async def test_a_finished_run_is_never_acquired_again(store: Storage) -> None:
+    assert await store.acquire_job_run("digest", "k", "r1", 0.05) is True
+    await store.finish_job_run("digest", "k", "r1", False, "x" * 5000)
+    await asyncio.sleep(0.1)  # the lease is long gone, but a result was recorded (failed runs too)
+    assert await store.acquire_job_run("digest", "k", "r2", 60.0) is False
+    assert await store.acquire_job_run("digest", "k", "r1", 60.0) is False
+    last = (await store.last_job_runs())["digest"]
+    assert last["ok"] is False and len(last["detail"]) == 2000
+
+
+async def test_an_expired_unfinished_lease_can_be_taken_over(store: Storage) -> None:
+    assert await store.acquire_job_run("digest", "k", "crashed", 0.2) is True
+    assert await store.acquire_job_run("digest", "k", "r2", 60.0) is False  # still held
+    await asyncio.sleep(0.3)
+    won = await asyncio.gather(*(store.acquire_job_run("digest", "k", f"r{i}", 60.0) for i in range(2, 12)))
+    assert sum(won) == 1
+    taker = f"r{2 + won.index(True)}"
+    assert await store.acquire_job_run("digest", "k", "late", 60.0) is False  # the new lease holds
+
+    await store.finish_job_run("digest", "k", "crashed", True, "zombie")  # the old holder wakes up: ignored
+    assert "digest" not in await store.last_job_runs()
+    await store.finish_job_run("digest", "k", taker, True, "done")
+    assert (await store.last_job_runs())["digest"]["owner"] == taker
+
+
+async def test_last_job_runs_reports_the_latest_finished_run_per_job(store: Storage) -> None:
+    assert await store.last_job_runs() == {}
+    before = time.time()
+    for key, ok, detail in (("day-1", True, "sent 3"), ("day-2", False, "smtp down")):
+        assert await store.acquire_job_run("digest", key, "r1", 60.0)
+        await store.finish_job_run("digest", key, "r1", ok, detail)
+        await asyncio.sleep(0.01)
+    assert await store.acquire_job_run("digest", "day-3", "r1", 60.0)  # running: not a finished run
+    assert await store.acquire_job_run("retention", "day-1", "r2", 60.0)  # never finished: no entry
+    assert await store.acquire_job_run("webhooks", "t-1", "r2", 60.0)
+    await store.finish_job_run("webhooks", "t-1", "r2", True, "")
+
+    last = await store.last_job_runs()
+    assert set(last) == {"digest", "webhooks"}
+    digest = last["digest"]
+    assert {k: digest[k] for k in ("run_key", "owner", "ok", "detail")} == \
+        {"run_key": "day-2", "owner": "r1", "ok": False, "detail": "smtp down"}
+    assert before - 5 <= digest["finished_at"] <= time.time() + 5
+    assert last["webhooks"]["ok"] is True
+
+
+# -- PostgreSQL only: migrations, replicas, failures -------------------------------------------------------------------
+
+
+@pytest.fixture
+async def pg_schema() -> AsyncIterator[str]:
+    await require_postgres()
+    schema = fresh_schema()
+    try:
+        yield schema
+    finally:
+        await drop_schema(schema)
+
+
+async def _applied(schema: str) -> list[int]:
+    con = await asyncpg.connect(PG_DSN, server_settings={"search_path": schema})
+    try:
+        rows = await con.fetch("SELECT version, applied_at FROM schema_migrations ORDER BY version")
+        assert all(r["applied_at"] is not None for r in rows)
+        return [r["version"] for r in rows]
+    finally:
+        await con.close()
+
+
+async def test_postgres_migrations_are_versioned_and_idempotent(pg_schema: str, monkeypatch) -> None:
+    import storage.postgres as pg
+
+    every = list(range(1, len(pg.MIGRATIONS) + 1))
+    assert len(every) >= 2
+    monkeypatch.setattr(pg, "MIGRATIONS", pg.MIGRATIONS[:1])  # a database left by an older release
+    old = pg.PostgresStorage(PG_DSN, schema=pg_schema)
+    await old.open()
+    await old.close()
+    assert await _applied(pg_schema) == [1]
+
+    monkeypatch.undo()
+    for _ in range(2):  # upgraded once, then nothing left to do
+        store = pg.PostgresStorage(PG_DSN, schema=pg_schema)
+        await store.open()
+        assert await store.schema_versions() == every
+        await store.close()
+    assert await _applied(pg_schema) == every
+
+
+async def test_postgres_replicas_starting_together_migrate_once(pg_schema: str) -> None:
+    from storage.postgres import MIGRATIONS, PostgresStorage
+
+    replicas = [PostgresStorage(PG_DSN, schema=pg_schema, max_size=2) for _ in range(4)]
+    try:
+        await asyncio.gather(*(r.open() for r in replicas))
+        assert await _applied(pg_schema) == list(range(1, len(MIGRATIONS) + 1))
+        assert all([await r.ping() for r in replicas])
+    finally:
+        await asyncio.gather(*(r.close() for r in replicas))
+
+
+async def test_postgres_two_replicas_race_for_job_runs(pg_schema: str) -> None:
+    from storage.postgres import PostgresStorage
+
+    one, two = PostgresStorage(PG_DSN, schema=pg_schema), PostgresStorage(PG_DSN, schema=pg_schema)
+    await one.open()
+    await two.open()
+    try:
+        keys = [f"tick-{i}" for i in range(50)]
+        calls = [(key, name, store) for key in keys for name, store in (("one", one), ("two", two))
+                 for _ in range(2)]  # each replica tries every key twice, all at once: 200 calls on 2 pools
+        won = await asyncio.gather(*(store.acquire_job_run("tick", key, f"{name}-{uuid.uuid4().hex[:6]}", 60.0)
+                                     for key, name, store in calls))
+        winners: dict[str, int] = {key: 0 for key in keys}
+        for (key, _, _), ok in zip(calls, won, strict=True):
+            winners[key] += ok
+        assert winners == {key: 1 for key in keys}
+    finally:
+        await one.close()
+        await two.close()
+
+
+async def test_postgres_schema_enforces_ownership(pg_schema: str) -> None:
+    from storage.postgres import PostgresStorage
+
+    store = PostgresStorage(PG_DSN, schema=pg_schema)
+    await store.open()
+    try:
+        c = conversation("a")
+        await store.save_conversation(c)
+        async with store.pool.acquire() as con:
+            with pytest.raises(asyncpg.ForeignKeyViolationError):  # a segment row must carry its conversation's uid
+                await con.execute('INSERT INTO segments (id, conversation_id, uid, text, speaker, speaker_id, '
+                                  'is_user, start, "end") VALUES (\'s\', $1, \'b\', \'\', \'\', 0, false, 0, 1)', c.id)
+            types = {(r["table_name"], r["column_name"]): r["data_type"] for r in await con.fetch(
+                "SELECT table_name, column_name, data_type FROM information_schema.columns WHERE table_schema = $1",
+                pg_schema)}
+        assert types[("speaker_embeddings", "vector")] == types[("speaker_states", "state")] == "bytea"
+        assert types[("segments", "is_user")] == types[("job_runs", "ok")] == "boolean"
+        assert types[("conversations", "started_at")] == "double precision"
+    finally:
+        await store.close()
+
+
+class _Relay:
+    """A TCP relay in front of the server, to cut the database off mid-life."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.upstream = (host, port)
+        self.writers: list[asyncio.StreamWriter] = []
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return self.server.sockets[0].getsockname()[1]
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(*self.upstream)
+        self.writers += [writer, up_writer]
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(OSError):
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    async def stop(self) -> None:
+        self.server.close()
+        for w in self.writers:
+            w.close()
+        await self.server.wait_closed()
+
+
+async def test_postgres_ping_is_false_when_the_server_is_unreachable(pg_schema: str) -> None:
+    from storage.postgres import PostgresStorage
+
+    url = urlsplit(PG_DSN)
+    relay = _Relay(url.hostname or "127.0.0.1", url.port or 5432)
+    port = await relay.start()
+    auth = url.netloc.rsplit("@", 1)[0] + "@" if "@" in url.netloc else ""
+    store = PostgresStorage(f"postgresql://{auth}127.0.0.1:{port}{url.path}", schema=pg_schema)
+    await store.open()
+    try:
+        assert await store.ping() is True
+        await relay.stop()
+        assert await store.ping(timeout=5) is False  # the pooled connection is dead
+        assert await store.ping(timeout=5) is False  # and a new one is refused
+    finally:
+        await asyncio.wait_for(store.close(), 10)
+
+
+async def test_postgres_dsn_secret_is_never_shown(caplog) -> None:
+    from storage.postgres import PostgresStorage
+
+    with socket_port() as dead_port:
+        store = PostgresStorage(f"postgresql+asyncpg://postgres:s3cret-pw@127.0.0.1:{dead_port}/test")
+    caplog.set_level(logging.DEBUG)
+    with pytest.raises(OSError) as failure:
+        await store.open()
+    assert await store.ping() is False
+    shown = str(failure.value) + repr(failure.value) + repr(store) + caplog.text
+    assert "s3cret-pw" not in shown
+
+
+@contextlib.contextmanager
+def socket_port():
+    """A local port nothing listens on (bound, then released)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    yield port
