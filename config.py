@@ -6,11 +6,12 @@ Every key here is listed with a comment in `.env.template`. Names kept from the 
 
 from __future__ import annotations
 
+import datetime as dt
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import SecretStr, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -62,6 +63,7 @@ class Settings(BaseSettings):
     max_upload_mb: float = 100.0
     max_upload_seconds: float = 4 * 3600.0
     idle_timeout_s: float = 30.0
+    min_conversation_timeout_s: int = 120  # Omi's minimum for the conversation_timeout parameter
     heartbeat_s: float = 10.0
     max_frame_bytes: int = 64 * 1024
     max_streams: int = 200
@@ -69,6 +71,15 @@ class Settings(BaseSettings):
     # --- misc from the seed ---
     http_get_timeout: float = 30.0
     log_level: str = "INFO"
+
+    # --- scheduled jobs ---
+    jobs_enabled: bool = True  # run the scheduler in this process (leases in storage keep each run once per tick)
+    job_lease_s: float = Field(default=300.0, gt=0)  # a run unfinished this long may be taken over (crashed replica)
+    sweep_interval_s: float = Field(default=30.0, gt=0)
+    notify_check_interval_s: float = Field(default=60.0, gt=0)
+    notify_morning_at: dt.time = dt.time(8, 0)  # user's local time of the morning reminder
+    notify_evening_at: dt.time = dt.time(22, 0)  # user's local time of the daily summary
+    retention_days: float = Field(default=0.0, ge=0)  # delete conversations older than this, daily; 0 = keep all
 
     @model_validator(mode="after")
     def _derive(self) -> Settings:

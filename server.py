@@ -23,6 +23,8 @@ from pydantic import ValidationError  # noqa: E402
 from starlette.websockets import WebSocketDisconnect, WebSocketState  # noqa: E402
 
 import batch_routes  # noqa: E402
+import conversation_routes  # noqa: E402
+import jobs  # noqa: E402
 from auth import Authenticator, AuthError  # noqa: E402
 from config import Settings, get_settings  # noqa: E402
 from conversations import ConversationClosed, ConversationService  # noqa: E402
@@ -58,17 +60,23 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         st.stt_factory = await asyncio.to_thread(SttFactory, s)
         st.storage = await open_storage(s)
         st.conversations = ConversationService(st.storage)
+        st.jobs = jobs.JobRunner(s, st.storage, st.conversations)
+        if s.jobs_enabled:
+            st.jobs.start()
         st.pool = await ModelPool.create(s)
         st.identifier = SegmentIdentifier(st.pool, st.vad_backend, st.vad_params, MATCH_RULES)
         st.ready = True
         log.info("ready: vad=%s stt=%s device=%s", st.vad_backend.name, st.stt_factory.backend, s.model_device)
         yield
         st.ready = False
+        await st.jobs.shutdown()
         await st.pool.close()
         await st.storage.close()
 
     app = FastAPI(title="Omi unified audio server", version="0.1.0", lifespan=lifespan)
     app.include_router(batch_routes.router)
+    app.include_router(conversation_routes.router)
+    app.include_router(jobs.router)
 
     @app.get("/health", summary="Liveness")
     async def health() -> dict[str, str]:
@@ -146,6 +154,9 @@ async def listen(websocket: WebSocket) -> None:
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         return await _refuse(client, CloseCode.POLICY, "bad_parameters", problems)
+    if params.conversation_timeout < s.min_conversation_timeout_s:
+        return await _refuse(client, CloseCode.POLICY, "bad_parameters",
+                             f"conversation_timeout: at least {s.min_conversation_timeout_s} s")
     try:
         uid = await st.authenticator.uid_for(websocket.headers.get("authorization"),
                                              websocket.client.host if websocket.client else None)

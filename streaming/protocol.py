@@ -23,7 +23,7 @@ class ListenParams(BaseModel):
     codec: str = "pcm8"
     channels: int = Field(1, ge=1, le=2)
     include_speech_profile: bool = True
-    conversation_timeout: int = Field(120, ge=120, le=4 * 3600)
+    conversation_timeout: int = Field(120, ge=1, le=4 * 3600)  # the floor is MIN_CONVERSATION_TIMEOUT_S
     stt_service: str | None = None  # accepted for compatibility; the server's STT_BACKEND decides
 
     @field_validator("codec")
