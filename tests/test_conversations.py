@@ -84,6 +84,17 @@ async def test_reconnect_continues_then_sweep_completes(tmp_path, deepgram, data
         starts_two = [s["start"] for s in two.segments.values()]
         assert starts_two and min(starts_two) >= end_one  # continuous times, no reset to 0
         assert max(s["end"] for s in two.segments.values()) > 19 + 10  # 19 s of stream one + ~11 s of speech
+        # Speaker labels are the conversation's, not the connection's: one mapping to the reference speakers fits
+        # both streams (stream two's clock runs 1 s ahead of the audio: stream one ended with 1 s of silence).
+        from conftest import DATA
+        from test_speakers import label_agreement, rttm_turns
+
+        shifted = list(one.segments.values()) + [{**s, "start": s["start"] - 1, "end": s["end"] - 1}
+                                                 for s in two.segments.values()]
+        agreement, mapping = label_agreement(shifted, rttm_turns(DATA / "sample.rttm", "sample"),
+                                             key=lambda s: s["speaker"])
+        print(f"speaker agreement across a reconnect ({database['DATABASE_CHOICE']}): {agreement:.3f} {mapping}")
+        assert agreement >= 0.75, (agreement, mapping)
         # After TIMEOUT_S without speech the sweep closed it, and the connected client heard about it.
         kinds = [e["type"] for e in two.events if e.get("type", "").startswith("memory")]
         assert kinds == ["memory_processing_started", "memory_created"]
