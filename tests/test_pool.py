@@ -416,3 +416,38 @@ async def test_real_embeddings_through_pool_equal_one_at_a_time(resemblyzer):
         assert np.abs(many - reference[:6]).max() < 1e-4
     finally:
         await pool.close()
+
+
+class GatedEmbedder(FakeEmbedder):
+    """Blocks in the model call until released: a pool kept busy, so its queue fills."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = threading.Event()
+
+    def embed_batch(self, clips: Sequence[np.ndarray]) -> np.ndarray:
+        self.gate.wait(10)
+        return super().embed_batch(clips)
+
+
+async def test_saturated_pool_makes_new_streams_wait_then_refuses():
+    from server import _pool_has_room
+
+    embedder = GatedEmbedder()
+    pool = await ModelPool.create(pool_settings(pool_max_batch=1, pool_queue_size=10), embedder=embedder)
+    clip = np.ones(200, np.float32)
+    try:
+        busy = [asyncio.create_task(pool.embed(clip))]  # taken by the worker, which blocks in the model
+        await asyncio.sleep(0.1)
+        busy += [asyncio.create_task(pool.embed(clip)) for _ in range(9)]  # 9 of 10 queue places: saturated
+        await asyncio.sleep(0.1)
+        assert pool.saturated
+        started = time.monotonic()
+        assert await _pool_has_room(pool, wait_s=0.3) is False  # waited briefly, then refused
+        assert time.monotonic() - started >= 0.3
+        embedder.gate.set()
+        assert await _pool_has_room(pool, wait_s=5.0) is True  # room again once the queue drains
+        await asyncio.gather(*busy)
+    finally:
+        embedder.gate.set()
+        await pool.close()
