@@ -19,7 +19,11 @@ async def open_storage(settings: Settings) -> Storage:
         if settings.postgres_url is None:
             raise ValueError("DATABASE_CHOICE=postgres needs POSTGRES_URL")
         store = PostgresStorage(settings.postgres_url.get_secret_value())
+    elif settings.database_choice == "firestore":
+        from storage.firestore import FirestoreStorage
+
+        store = FirestoreStorage.from_settings(settings)
     else:
-        raise ValueError(f"DATABASE_CHOICE={settings.database_choice} is not available yet (only sqlite)")
+        raise ValueError(f"unknown DATABASE_CHOICE={settings.database_choice}: sqlite, postgres or firestore")
     await store.open()
     return store

@@ -23,7 +23,7 @@ import pytest
 
 from storage.base import Conversation, Segment, SpeakerProfile, Storage, User
 
-BACKENDS = ["sqlite", "postgres"]
+BACKENDS = ["sqlite", "postgres", "firestore"]
 PG_DSN = os.environ.get("TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 T0 = 1_700_000_000.0
 DIM = 8
@@ -85,6 +85,16 @@ async def make_store(kind: str, tmp_path: Path) -> AsyncIterator[Storage]:
         finally:
             await store.close()
             await drop_schema(schema)
+    elif kind == "firestore":  # against an in-memory stand-in: no Firestore emulator can run here
+        from storage.firestore import FirestoreStorage
+        from tests.firestore_fake import FakeAsyncClient
+
+        store = FirestoreStorage(FakeAsyncClient())
+        await store.open()
+        try:
+            yield store
+        finally:
+            await store.close()
     else:
         raise ValueError(f"unknown backend {kind}")
 
