@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from config import Settings
+from streaming.model_source import looks_like_local_path, redactor, split_revision
 
 log = logging.getLogger(__name__)
 
@@ -248,14 +249,12 @@ class SpeechBrainEmbedder(SpeakerEmbedder):
             if re.search(r"^pretrained_path\s*:", yaml_path.read_text(encoding="utf-8"), re.MULTILINE):
                 overrides["pretrained_path"] = str(path.resolve())
             fetch_source = str(path.resolve())
-        elif _looks_like_path(source):
+        elif looks_like_local_path(source):
             raise ValueError(f"speechbrain model directory {source!r} not found")
         else:
-            fetch_source, _, rev = source.partition("@")
-            revision = rev or None
+            fetch_source, revision = split_revision(source)
 
-        def scrub(text: str) -> str:
-            return text.replace(token, "***") if token else text
+        scrub = redactor(token)
 
         try:
             with warnings.catch_warnings():
@@ -318,11 +317,6 @@ class SpeechBrainEmbedder(SpeakerEmbedder):
             feats = self._norm(feats, lens)
             emb = self._encoder(feats, lens)
         return emb.reshape(len(clips), -1).float().cpu().numpy()
-
-
-def _looks_like_path(source: str) -> bool:
-    """A local path (that does not exist), as opposed to a Hugging Face id ("owner/name" or "owner/name@rev")."""
-    return source.startswith(("/", "./", "../", "~", ".\\")) or source.count("/") > 1 or "\\" in source
 
 
 def _savedir(settings: Settings, source: str) -> Path:

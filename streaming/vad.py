@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from config import Settings
+from streaming.model_source import looks_like_local_path, redactor, split_revision
 
 log = logging.getLogger(__name__)
 
@@ -98,11 +99,6 @@ class SileroVad(VadBackend):
 @dataclass
 class _PyannoteState:
     window: np.ndarray  # the last `window` seconds of the stream, zeros before it started
-
-
-def _looks_like_path(source: str) -> bool:
-    """A local path that does not exist, as opposed to a Hugging Face id ("owner/name" or "owner/name@revision")."""
-    return source.startswith(("/", "./", "../", "~", ".\\")) or source.endswith((".ckpt", ".bin", ".pt", ".pth"))
 
 
 class PyannoteVad(VadBackend):
@@ -189,14 +185,12 @@ class PyannoteVad(VadBackend):
             checkpoint = str(path)
         elif path.is_file():
             checkpoint = str(path)
-        elif _looks_like_path(source):
+        elif looks_like_local_path(source):
             raise ValueError(f"pyannote segmentation checkpoint {source!r} not found")
         else:
-            checkpoint, _, rev = source.partition("@")
-            revision = rev or None
+            checkpoint, revision = split_revision(source)
 
-        def scrub(text: str) -> str:
-            return text.replace(token, "***") if token else text
+        scrub = redactor(token)
 
         try:
             model = Model.from_pretrained(checkpoint, revision=revision, token=token)
