@@ -67,6 +67,7 @@ class Settings(BaseSettings):
     heartbeat_s: float = 10.0
     max_frame_bytes: int = 64 * 1024
     max_streams: int = 200
+    max_streams_per_user: int = 1  # as Omi: a user's newest stream replaces the oldest beyond this
 
     # --- misc from the seed ---
     http_get_timeout: float = 30.0

@@ -51,6 +51,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         st.settings = s
         st.ready = False
         st.active_streams = 0
+        st.user_streams = {}  # uid → that user's open connections, oldest first (to replace, not to process)
         st.authenticator = Authenticator(s)
         st.vad_params = VadParams.from_settings(s)
         st.vad_backend = await asyncio.to_thread(load_vad_backend, s)
@@ -165,11 +166,22 @@ async def listen(websocket: WebSocket) -> None:
     if st.active_streams >= s.max_streams or not await _pool_has_room(st.pool):
         return await _refuse(client, CloseCode.TRY_AGAIN_LATER, "server_full", "server full, retry in 5 s")
 
+    mine = st.user_streams.setdefault(uid, [])
+    while len(mine) >= s.max_streams_per_user:  # the newest stream wins: an old one may be a dead phone socket
+        old = mine.pop(0)
+        await old.send_json(ErrorEvent(code="replaced", message="a newer stream of this user replaced this one")
+                            .model_dump())
+        await old.close(CloseCode.GOING_AWAY, "replaced by a newer stream")
+    mine.append(client)
     st.active_streams += 1
     try:
         await _serve_stream(client, params, uid, st, s)
     finally:
         st.active_streams -= 1
+        if client in mine:
+            mine.remove(client)
+        if not mine:
+            st.user_streams.pop(uid, None)
 
 
 async def _pool_has_room(pool: ModelPool, wait_s: float = 2.0) -> bool:
