@@ -78,6 +78,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(batch_routes.router)
     app.include_router(conversation_routes.router)
     app.include_router(jobs.router)
+    app.openapi = _openapi_with_string_details(app)
 
     @app.get("/health", summary="Liveness")
     async def health() -> dict[str, str]:
@@ -105,6 +106,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_api_websocket_route("/v4/listen", listen)
     app.add_api_websocket_route("/v3/listen", listen)
     return app
+
+
+def _openapi_with_string_details(app: FastAPI):
+    """FastAPI documents a 422 body as `{"detail": [validation errors]}`, but the routes also answer 422 (and other
+    4xx) with `{"detail": "<message>"}` (HTTPException): the schema must allow both shapes."""
+    default = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = default()  # caches itself in app.openapi_schema; patched in place
+            error = schema.get("components", {}).get("schemas", {}).get("HTTPValidationError", {})
+            detail = error.get("properties", {}).get("detail")
+            if detail is not None:
+                title = detail.pop("title", "Detail")
+                error["properties"]["detail"] = {"title": title, "anyOf": [detail, {"type": "string"}]}
+        return app.openapi_schema
+
+    return openapi
 
 
 # --- the WebSocket -----------------------------------------------------------------------------------------------

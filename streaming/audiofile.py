@@ -11,6 +11,8 @@ import numpy as np
 
 from streaming.codecs import TARGET_RATE, StreamResampler, resample
 
+MIN_RATE = 1000  # no real recording is sampled slower; see _decode_soundfile
+
 
 class AudioFileError(ValueError):
     """The upload is not usable audio. `status` is the HTTP status to answer with."""
@@ -47,6 +49,9 @@ def _decode_soundfile(data: bytes, max_seconds: float) -> tuple[np.ndarray | Non
         return None, 0  # not a libsndfile format: try PyAV
     if info.samplerate <= 0 or info.channels <= 0:
         raise AudioFileError("invalid audio header", 422)
+    if info.samplerate < MIN_RATE:
+        # A tiny file whose header claims 2 Hz "lasts" hours: refused rather than upsampled at great cost.
+        raise AudioFileError(f"sample rate {info.samplerate} Hz below {MIN_RATE} Hz", 422)
     _too_long(info.frames, info.samplerate, max_seconds)
     # Block by block, downmixed and resampled as it goes: a small FLAC of many channels at a high rate must not
     # expand to (channels x rate x duration) floats in memory; peak memory is the 16 kHz mono result.

@@ -259,8 +259,11 @@ class SegmentIdentifier:
     def _windows(self, audio: np.ndarray, spans: list[tuple[float, float]]) -> list[tuple[list[np.ndarray], float]]:
         """Blocking: per segment, its speech (VAD-trimmed) as one clip ([] if too little), and its seconds."""
         out = []
+        length_s = len(audio) / SAMPLE_RATE
         for start, end in spans:
-            clip = audio[int(start * SAMPLE_RATE) : int(end * SAMPLE_RATE)]
+            # Clamped to the file first: a segment may end at 1e308 or Infinity (valid JSON to Python), and
+            # int(inf * rate) raises OverflowError.
+            clip = audio[int(min(start, length_s) * SAMPLE_RATE) : int(min(end, length_s) * SAMPLE_RATE)]
             regions = detect_regions(self._vad_backend, clip, self._vad_params) if len(clip) else []
             speech = np.concatenate([clip[s:e] for s, e in regions]) if regions else clip[:0]
             seconds = len(speech) / SAMPLE_RATE

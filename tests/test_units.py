@@ -172,3 +172,18 @@ def test_env_template_lists_every_setting_and_loads_as_the_defaults():
     keys = set(re.findall(r"^([A-Z0-9_]+)=", template, re.M))
     assert keys == {name.upper() for name in Settings.model_fields}
     assert Settings(_env_file=REPO / ".env.template") == Settings(_env_file=None)
+
+
+def test_uploads_claiming_a_tiny_sample_rate_are_refused():
+    """32 kB whose header says 2 Hz would 'last' 2 hours: refused at once, not upsampled (found by fuzzing)."""
+    import io
+
+    import soundfile as sf
+
+    from streaming.audiofile import AudioFileError, decode_audio_file
+
+    buf = io.BytesIO()
+    sf.write(buf, np.zeros(16000, np.float32), 2, format="WAV")
+    with pytest.raises(AudioFileError) as err:
+        decode_audio_file(buf.getvalue(), max_seconds=4 * 3600)
+    assert err.value.status == 422 and "2 Hz" in str(err.value)
