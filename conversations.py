@@ -21,10 +21,13 @@ from abc import ABC, abstractmethod
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from storage import Storage
 from storage.base import Conversation, Segment
+
+if TYPE_CHECKING:
+    from streaming.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
 
@@ -189,3 +192,29 @@ class ConversationService:
         for conv in expired:
             await self.close(conv, now)
         return len(expired)
+
+
+class ConversationLink:
+    """Ties one stream to its conversation: stores segments before they are sent, and starts a new conversation
+    when the sweep closed the current one while the stream went on (a long silence)."""
+
+    def __init__(self, service: ConversationService, conversation: Conversation, language: str, timeout_s: float):
+        self.service, self.conversation = service, conversation
+        self.language, self.timeout_s = language, timeout_s
+        self.pipeline: Pipeline | None = None  # set once the stream's pipeline exists
+
+    async def persist(self, segments: list) -> None:
+        try:
+            await self.service.record(self.conversation, self._stored(segments))
+        except ConversationClosed:
+            self.conversation = await self.service.attach(self.conversation.uid, self.language, self.timeout_s)
+            shift = min(s.start for s in segments)  # the new conversation's clock starts at its first words
+            self.pipeline.segments.restart(self.pipeline.segments.offset - shift)
+            for seg in segments:
+                seg.start, seg.end = round(seg.start - shift, 3), round(seg.end - shift, 3)
+            self.pipeline.segments.segments.extend(segments)
+            await self.service.record(self.conversation, self._stored(segments))
+
+    def _stored(self, segments: list) -> list[Segment]:
+        return [Segment(s.id, self.conversation.id, s.text, s.speaker, s.speaker_id, s.is_user, s.person_id,
+                        s.start, s.end) for s in segments]

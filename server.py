@@ -27,9 +27,8 @@ import conversation_routes  # noqa: E402
 import jobs  # noqa: E402
 from auth import Authenticator, AuthError  # noqa: E402
 from config import Settings, get_settings  # noqa: E402
-from conversations import ConversationClosed, ConversationService  # noqa: E402
+from conversations import ConversationLink, ConversationService  # noqa: E402
 from storage import open_storage  # noqa: E402
-from storage.base import Conversation, Segment  # noqa: E402
 from streaming.codecs import make_decoder  # noqa: E402
 from streaming.pipeline import Pipeline, SegmentIdentifier  # noqa: E402
 from streaming.pool import ModelPool  # noqa: E402
@@ -219,32 +218,6 @@ async def _speaker_tagger(st: Any, uid: str, params: ListenParams) -> SpeakerTag
     return SpeakerTagger(st.pool, index, MATCH_RULES)
 
 
-class _ConversationLink:
-    """Ties one stream to its conversation: stores segments before they are sent, and starts a new conversation
-    when the sweep closed the current one while the stream went on (a long silence)."""
-
-    def __init__(self, service: ConversationService, conversation: Conversation, language: str, timeout_s: float):
-        self.service, self.conversation = service, conversation
-        self.language, self.timeout_s = language, timeout_s
-        self.pipeline: Pipeline | None = None
-
-    async def persist(self, segments: list) -> None:
-        try:
-            await self.service.record(self.conversation, self._stored(segments))
-        except ConversationClosed:
-            self.conversation = await self.service.attach(self.conversation.uid, self.language, self.timeout_s)
-            shift = min(s.start for s in segments)  # the new conversation's clock starts at its first words
-            self.pipeline.segments.restart(self.pipeline.segments.offset - shift)
-            for seg in segments:
-                seg.start, seg.end = round(seg.start - shift, 3), round(seg.end - shift, 3)
-            self.pipeline.segments.segments.extend(segments)
-            await self.service.record(self.conversation, self._stored(segments))
-
-    def _stored(self, segments: list) -> list[Segment]:
-        return [Segment(s.id, self.conversation.id, s.text, s.speaker, s.speaker_id, s.is_user, s.person_id,
-                        s.start, s.end) for s in segments]
-
-
 async def _serve_stream(client: _Client, params: ListenParams, uid: str, st: Any, s: Settings) -> None:
     await client.send_json(ServiceStatusEvent(status="initiating", status_text="Service starting").model_dump())
     try:
@@ -256,7 +229,7 @@ async def _serve_stream(client: _Client, params: ListenParams, uid: str, st: Any
     if last is not None:
         await client.send_json({"type": "last_memory", "memory_id": last.id})
     conversation = await service.attach(uid, params.language, params.conversation_timeout)
-    link = _ConversationLink(service, conversation, params.language, params.conversation_timeout)
+    link = ConversationLink(service, conversation, params.language, params.conversation_timeout)
     tagger = await _speaker_tagger(st, uid, params)
     state = await st.storage.load_speaker_state(uid, conversation.id)
     if state is not None:

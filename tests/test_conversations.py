@@ -163,3 +163,53 @@ async def test_killed_server_loses_no_stored_segment(tmp_path, deepgram, databas
             assert seg_id in stored_by_id and stored_by_id[seg_id]["text"].startswith(seg["text"][:20])
     finally:
         stop_server(restarted)
+
+
+async def test_speech_after_the_sweep_starts_a_new_conversation_on_the_same_stream(tmp_path, deepgram, database):
+    """A long silence on an open stream: the sweep closes the conversation (the client hears `memory_created`), and
+    the next speech starts a new conversation whose clock starts again."""
+    from websockets.asyncio.client import connect
+
+    uid = f"gap-{uuid.uuid4().hex[:8]}"
+    headers = {"Authorization": f"Bearer {uid}"}
+    audio = read_wav(SAMPLE_WAV)
+    server = start_server(tmp_path, **server_env(deepgram, database))
+    segments: dict[str, dict] = {}
+    events: list[dict] = []
+    try:
+        async with connect(listen_url(server), additional_headers=headers) as ws:
+
+            async def read() -> None:
+                async for message in ws:
+                    payload = json.loads(message) if message != "ping" else None
+                    if isinstance(payload, list):
+                        segments.update({s["id"]: s for s in payload})
+                    elif isinstance(payload, dict):
+                        events.append(payload)
+
+            reader = asyncio.create_task(read())
+            for frame in pcm16_frames(np.concatenate([audio[7 * SR : 12 * SR], np.zeros(SR, "f4")])):
+                await ws.send(frame)
+            for _ in range(200):  # silence (nothing sent) until the sweep has closed it
+                if any(e.get("type") == "memory_created" for e in events):
+                    break
+                await asyncio.sleep(0.1)
+            first_ids = set(segments)
+            assert first_ids and any(e.get("type") == "memory_created" for e in events)
+            for frame in pcm16_frames(np.concatenate([audio[20 * SR : 25 * SR], np.zeros(SR, "f4")])):
+                await ws.send(frame)
+            for _ in range(200):
+                if set(segments) - first_ids:
+                    break
+                await asyncio.sleep(0.1)
+            await ws.close()
+            await asyncio.wait_for(reader, 10)
+        later = [s for i, s in segments.items() if i not in first_ids]
+        assert later and min(s["start"] for s in later) == 0.0  # the new conversation's clock
+        with httpx.Client(base_url=server.http, headers=headers) as http:
+            conversations = http.get("/v1/conversations").json()
+            assert len(conversations) == 2 and conversations[1]["status"] == "completed"
+            newest = http.get(f"/v1/conversations/{conversations[0]['id']}").json()
+        assert {s["id"] for s in newest["transcript_segments"]} >= {s["id"] for s in later}
+    finally:
+        stop_server(server)
