@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from config import Settings  # noqa: E402
 from streaming.speaker import SAMPLE_RATE, MatchRules, OnlineClusters, ProfileIndex, load_embedder  # noqa: E402
 from streaming.stt import SentTimeline  # noqa: E402
-from streaming.tagging import HOP_S, MIN_WINDOW_S, WINDOW_S, plan_windows  # noqa: E402
+from streaming.tagging import HOP_S, MIN_WINDOW_S, WINDOW_S  # noqa: E402
 from streaming.vad import SileroVad, SpeechAudio, StreamingVAD, VadParams  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -60,14 +60,6 @@ def load(path: Path) -> np.ndarray:
     audio, sr = sf.read(path, dtype="float32")
     assert sr == SAMPLE_RATE
     return audio
-
-
-def windows_of(audio: np.ndarray, ts) -> list[tuple[float, float, str]]:
-    out = []
-    for s, e, spk in ts:
-        if e - s >= MIN_WINDOW_S:
-            out += [(a, b, spk) for a, b in plan_windows(s, e)]
-    return out
 
 
 def agreement(labels: list[int], windows: list[tuple[float, float, str]]) -> float:

@@ -365,13 +365,7 @@ class ModelPool:
         embedder = self._embedder
         if not len(clips):
             return np.zeros((0, embedder.dim), np.float32)
-        checked = []
-        for i, clip in enumerate(clips):
-            try:
-                checked.append(embedder.check_clip(clip))
-            except ValueError as e:
-                raise ValueError(f"clip {i}: {e}") from None
-        return np.stack(await self._speaker.submit_many(checked))
+        return np.stack(await self._speaker.submit_many(embedder.check_clips(clips)))
 
     async def close(self) -> None:
         await asyncio.to_thread(self._speaker.stop)

@@ -77,12 +77,7 @@ class SpeakerEmbedder(ABC):
 
         Blocking (a model forward pass): the model pool calls it from its single worker thread, never from the event
         loop. Safe to call from several threads (no per-call state is kept on the embedder), though pointless."""
-        checked = []
-        for i, clip in enumerate(clips):
-            try:
-                checked.append(self.check_clip(clip))
-            except ValueError as e:
-                raise ValueError(f"clip {i}: {e}") from None
+        checked = self.check_clips(clips)
         if not checked:
             return np.zeros((0, self.dim), np.float32)
         out = np.asarray(self._embed(checked), dtype=np.float32)
@@ -92,6 +87,16 @@ class SpeakerEmbedder(ABC):
     @abstractmethod
     def _embed(self, clips: list[np.ndarray]) -> np.ndarray:
         """clips: checked float32 (samples,) arrays, at least one. Returns (len(clips), dim), any norm."""
+
+    def check_clips(self, clips: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """`check_clip` on each; the error names the clip."""
+        checked = []
+        for i, clip in enumerate(clips):
+            try:
+                checked.append(self.check_clip(clip))
+            except ValueError as e:
+                raise ValueError(f"clip {i}: {e}") from None
+        return checked
 
     def warm_up(self) -> None:
         """One call on dummy audio so the first user does not pay for lazy compilation and allocation."""

@@ -196,12 +196,3 @@ def window_indices(start: float, end: float, available: float) -> list[int]:
     last = int(np.ceil((end - WINDOW_S / 2) / HOP_S))
     complete = int(np.floor((available - WINDOW_S) / HOP_S))
     return list(range(first, min(last, complete) + 1))
-
-
-def plan_windows(start: float, end: float) -> list[tuple[float, float]]:
-    """Half-overlapping WINDOW_S windows covering [start, end] (seconds); the last one ends at `end`. A span shorter
-    than a window is one window."""
-    if end - start <= WINDOW_S:
-        return [(start, end)]
-    starts = list(np.arange(start, end - WINDOW_S, HOP_S)) + [end - WINDOW_S]
-    return [(float(s), float(s) + WINDOW_S) for s in starts]

@@ -24,6 +24,7 @@ import soundfile as sf
 
 from config import Settings
 from streaming.pool import BatchingWorker, ModelPool, PoolClosed, PoolSaturated
+from streaming.speaker import SpeakerEmbedder
 
 SAMPLE_WAV = Path(__file__).resolve().parents[2] / "shared" / "data" / "sample.wav"
 SR = 16000
@@ -280,7 +281,7 @@ async def test_submit_before_start_is_refused():
 # --- ModelPool with a stand-in embedder ------------------------------------------------------------------------
 
 
-class FakeEmbedder:
+class FakeEmbedder(SpeakerEmbedder):
     """Deterministic 'embedding': statistics of the clip, normalised. Records batch sizes."""
 
     name = "fake"
@@ -300,10 +301,9 @@ class FakeEmbedder:
     def warm_up(self) -> None:
         self.warmed = True
 
-    def embed_batch(self, clips: Sequence[np.ndarray]) -> np.ndarray:
+    def _embed(self, clips: list[np.ndarray]) -> np.ndarray:
         self.batch_sizes.append(len(clips))
-        out = np.array([[len(c), c.mean(), c.std(), 1.0] for c in clips], np.float32)
-        return out / np.linalg.norm(out, axis=1, keepdims=True)
+        return np.array([[len(c), c.mean(), c.std(), 1.0] for c in clips], np.float32)
 
 
 def pool_settings(**kw) -> Settings:
