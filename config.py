@@ -58,6 +58,11 @@ class Settings(BaseSettings):
     deepgram_url: str = "https://api.deepgram.com"
     deepgram_model: str = "nova-3"
     deepgram_keepalive_s: float = 5.0
+    stt_replay_buffer_s: float = Field(default=60.0, gt=0)  # unacknowledged speech held per stream for a replay
+    stt_reconnect_base_s: float = Field(default=0.25, gt=0)  # first backoff step after a dropped STT socket
+    stt_reconnect_max_s: float = Field(default=8.0, gt=0)  # backoff cap
+    stt_reconnect_max_failures: int = Field(default=8, ge=1)  # quick failures in a row before the stream gives up
+    stt_close_wait_s: float = Field(default=15.0, ge=0)  # at stream end, wait this long for a reconnect in progress
 
     # --- connections and uploads ---
     max_upload_mb: float = 100.0
@@ -68,6 +73,14 @@ class Settings(BaseSettings):
     max_frame_bytes: int = 64 * 1024
     max_streams: int = 200
     max_streams_per_user: int = 1  # as Omi: a user's newest stream replaces the oldest beyond this
+    ws_send_queue_max: int = Field(default=256, gt=0)  # messages queued for a client that is not reading them
+    ws_slow_client_timeout_s: float = Field(default=30.0, gt=0)  # a send stuck this long closes the client
+    shutdown_grace_s: float = Field(default=20.0, ge=0)  # SIGTERM: streams get this long to finish and close
+
+    # --- storage outages ---
+    storage_pending_max_segments: int = Field(default=5000, gt=0)  # unstored segments kept per stream, newest
+    storage_retry_on_close_s: float = Field(default=30.0, ge=0)  # a stream's end waits this long for storage
+    storage_write_timeout_s: float = Field(default=10.0, gt=0)  # a segment write slower than this counts as failed
 
     # --- misc from the seed ---
     http_get_timeout: float = 30.0

@@ -42,7 +42,8 @@ or ``"client"`` (the client sent a close frame, ``close_code`` its code, or vani
 All upgrade attempts, refused ones included, are in :attr:`DeepgramTestServer.attempts`.
 
 Fault injection: ``drop_after_bytes`` (close 1011 as soon as a connection has received that many audio bytes,
-pending replies discarded) and ``refuse_connections`` (the next N upgrades get HTTP 503). Both are plain
+pending replies discarded; with ``drops_left`` = N only the next N connections are dropped) and
+``refuse_connections`` (the next N upgrades get HTTP 503). Both are plain
 attributes and may be changed while the server runs.
 
 Use :class:`DeepgramTestServer` inside an asyncio test, or :class:`ThreadedDeepgramTestServer` (own thread and event
@@ -288,6 +289,10 @@ class _Session:
         limit = self.server.drop_after_bytes
         if limit is not None and rec.audio_bytes >= limit:
             rec.events.append(("drop_after_bytes", now))
+            if self.server.drops_left is not None:  # a limited number of drops, then healthy again
+                self.server.drops_left -= 1
+                if self.server.drops_left <= 0:
+                    self.server.drop_after_bytes, self.server.drops_left = None, None
             await self._abort(1011, DROP_REASON)
             return True
         pending = self._frames_total() - self.cursor
@@ -437,6 +442,7 @@ class DeepgramTestServer:
         idle_timeout_s: float = 10.0,
         *,
         drop_after_bytes: int | None = None,
+        drops_left: int | None = None,
         refuse_connections: int = 0,
         keep_audio: bool = True,
         host: str = "127.0.0.1",
@@ -450,6 +456,7 @@ class DeepgramTestServer:
         self.reply_delay_s = reply_delay_s
         self.idle_timeout_s = idle_timeout_s
         self.drop_after_bytes = drop_after_bytes
+        self.drops_left = drops_left  # None: drop every connection; N: only the next N, then stop dropping
         self.refuse_connections = refuse_connections
         self.keep_audio = keep_audio
         self.host = host
@@ -643,6 +650,14 @@ class ThreadedDeepgramTestServer:
     @drop_after_bytes.setter
     def drop_after_bytes(self, value: int | None) -> None:
         self.server.drop_after_bytes = value
+
+    def drop_connections(self, after_bytes: int, times: int = 1) -> None:
+        """Drop the next `times` connections (each once it has received `after_bytes` of audio), then no more."""
+
+        def arm() -> None:
+            self.server.drop_after_bytes, self.server.drops_left = after_bytes, times
+
+        self._on_loop(arm)
 
     @property
     def refuse_connections(self) -> int:
