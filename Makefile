@@ -7,7 +7,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8080
 export PYANNOTE_METRICS_ENABLED := false
 
-.PHONY: run test lint bench-vad clean
+.PHONY: run test lint bench bench-vad clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ test: lint
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/hadolint Dockerfile.unified
+
+# Capacity: concurrent real-time streams, CPU and memory per stream, our latency, batch speed (bench/RESULTS.md).
+bench: $(STAMP)
+	$(PY) bench/load.py --json bench/results.json --plot bench/load.png
 
 bench-vad: $(STAMP)
 	$(PY) bench/vad_der.py

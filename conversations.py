@@ -204,6 +204,11 @@ class ConversationLink:
         self.pipeline: Pipeline | None = None  # set once the stream's pipeline exists
 
     async def persist(self, segments: list) -> None:
+        """Safe to call again with the same segments after it raised (the pipeline retries while storage is
+        down; it never runs two at once): the shift happens only once attach() returned, with no await before
+        the switch to the new conversation, so a retry finds that conversation open and only writes. An attach
+        that failed after its insert committed leaves a fresh open conversation, which the retry's attach
+        continues rather than making a second one."""
         try:
             await self.service.record(self.conversation, self._stored(segments))
         except ConversationClosed:

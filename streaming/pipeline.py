@@ -19,6 +19,7 @@ import numpy as np
 
 from streaming.codecs import DecodeError, FrameDecoder
 from streaming.protocol import ErrorEvent, TranscriptSegment
+from streaming.segment_writer import Persist, SegmentWriter
 from streaming.speaker import MatchRules, ProfileIndex
 from streaming.stt import SAMPLE_RATE, SentTimeline, SttFactory, SttSession, Transcript
 from streaming.tagging import MIN_WINDOW_S, SpeakerLabel, SpeakerTagger
@@ -27,7 +28,6 @@ from streaming.vad import SpeechAudio, SpeechEnd, StreamingVAD, VadBackend, VadE
 log = logging.getLogger(__name__)
 
 Emit = Callable[[Any], Awaitable[None]]  # sends one JSON message (a list of segments or an event) to the client
-Persist = Callable[[list[TranscriptSegment]], Awaitable[None]]  # stores segments before they are sent
 
 
 class SegmentBuilder:
@@ -116,25 +116,30 @@ class Pipeline:
         persist: Persist | None = None,
         time_offset: float = 0.0,
         keepalive_s: float = 5.0,
+        pending_max: int = 5000,
+        retry_on_close_s: float = 30.0,
+        write_timeout_s: float = 10.0,
     ) -> None:
         self._decoder = decoder
         self._vad = StreamingVAD(vad_backend, vad_params)
         self._emit = emit
-        self._persist = persist
         self.timeline = SentTimeline()
         self.segments = SegmentBuilder(self.timeline, time_offset)
-        self.stt: SttSession = stt_factory.session(self._on_transcript, language)
+        self.stt: SttSession = stt_factory.session(self._on_transcript, language, self._on_stt_error)
         self.stats = PipelineStats()
         self.tagger = tagger
         self._keepalive_s = keepalive_s
         self._last_sent = time.monotonic()
         self._keepalive_task: asyncio.Task | None = None
+        self.writer = (SegmentWriter(persist, self._emit, pending_max=pending_max, retry_on_close_s=retry_on_close_s,
+                                     write_timeout_s=write_timeout_s) if persist is not None else None)
 
     async def start(self) -> None:
         await self.stt.start()
         self._keepalive_task = asyncio.create_task(self._keepalive_loop(), name="stt-keepalive")
 
     async def feed(self, frame: bytes) -> None:
+        self.stt.check()  # STT gave up for good (raises SttError): the stream must end, not go on deaf
         self.stats.frames += 1
         try:
             events = await asyncio.to_thread(self._decode_and_detect, frame)
@@ -151,7 +156,11 @@ class Pipeline:
         with contextlib.suppress(Exception):
             events = await asyncio.to_thread(self._flush)
             await self._forward(events)
-        await self.stt.close()
+        try:
+            await self.stt.close()
+        finally:  # the last transcripts are delivered by now: store what storage has not taken yet
+            if self.writer is not None:
+                await self.writer.drain()
 
     # -- steps --------------------------------------------------------------------------------------------------
 
@@ -193,6 +202,9 @@ class Pipeline:
                 self.stats.keepalives += 1
                 self._last_sent = time.monotonic()
 
+    async def _on_stt_error(self, code: str, message: str) -> None:
+        await self._emit(ErrorEvent(code=code, message=message).model_dump())
+
     async def _on_transcript(self, transcript: Transcript) -> None:
         labels, relabels = None, {}
         words = [w for w in transcript.words if w.text.strip()] if transcript.is_final else []
@@ -209,15 +221,12 @@ class Pipeline:
         await self._deliver(changed)
 
     async def _deliver(self, changed: list[TranscriptSegment]) -> None:
-        """Persist, then send: a segment the client has seen is a segment that is stored."""
+        """Persist, then send: a segment the client has seen is a segment that is stored. While storage is down
+        the client still gets its transcript at once; the writer keeps the segments for its background retry."""
         if not changed:
             return
-        if self._persist is not None:
-            try:
-                await self._persist(changed)
-            except Exception as exc:  # storage down: the client still gets its transcript (see the README)
-                log.error("could not store %d segments: %s", len(changed), exc)
-        await self._emit([s.model_dump() for s in changed])
+        moved = await self.writer.store(changed) if self.writer is not None else []
+        await self._emit([s.model_dump() for s in changed + moved])
 
     @property
     def stream_seconds(self) -> float:

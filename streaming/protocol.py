@@ -68,8 +68,13 @@ class SpeakerAssigned(BaseModel):
 
 
 class CloseCode:
+    """Close codes of `/v4/listen`; each refusal or forced end also sends an `error` event with a machine code."""
+
     NORMAL = 1000
-    GOING_AWAY = 1001  # idle, or the server shutting down
-    POLICY = 1008  # auth, bad parameters
+    GOING_AWAY = 1001  # idle; replaced by a newer stream; the server shutting down ("shutting_down", after the
+    #                    stream's audio was finished and stored)
+    POLICY = 1008  # auth, bad parameters; a slow client ("slow_client": it did not read its messages, see
+    #                server._Client; its transcript is stored, re-read it from /v1/conversations)
     SERVER_ERROR = 1011
-    TRY_AGAIN_LATER = 1013  # server full
+    TRY_AGAIN_LATER = 1013  # server full ("server_full"); storage down; a new stream while the server shuts down
+    #                         ("shutting_down": reconnect, the load balancer sends it elsewhere)

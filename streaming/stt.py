@@ -402,9 +402,11 @@ class DeepgramSession(SttSession):
                 await conn.socket.send_finalize()
                 await conn.socket.send_close_stream()
             if conn.reader is not None:
-                # The server answers CloseStream with the last results and Metadata, then closes.
+                # The server answers CloseStream with the last results and Metadata, then closes. The reader may
+                # also be behind on results already received (speaker tagging under load): give it time to deliver.
+                wait_s = max(5.0, self._settings.stt_close_wait_s)
                 with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(conn.reader), timeout=5.0)
+                    await asyncio.wait_for(asyncio.shield(conn.reader), timeout=wait_s)
         elif self._failed is None and self._buffer.audio_samples:
             lost_s = self._buffer.audio_samples / SAMPLE_RATE
             metrics.inc("stt_lost_seconds_total", lost_s)

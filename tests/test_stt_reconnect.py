@@ -285,3 +285,25 @@ async def test_server_keeps_every_second_of_speech_through_a_drop(tmp_path):
     assert starts[-1] >= len(sent) / 2 / SR - WORD_S
     assert "omi_stt_reconnects_total 1" in metrics_text
     assert "dg-key" not in server.log()
+
+
+async def test_server_ends_the_stream_clearly_when_deepgram_stays_down(tmp_path):
+    """Reconnects keep failing: the client gets `stt_unavailable` and close 1011, never a hang or a crash."""
+    from conftest import pcm16_frames, start_server, stop_server, stream_frames
+    from deepgram_server import ThreadedDeepgramTestServer
+
+    speech_audio = read_wav(SAMPLE_WAV)[int(7 * SR) : int(20 * SR)]
+    with ThreadedDeepgramTestServer(api_key="dg-key", word_s=WORD_S) as dg:
+        server = start_server(tmp_path, STT_BACKEND="deepgram", DEEPGRAM_URL=dg.url, DEEPGRAM_API_KEY="dg-key",
+                              STT_RECONNECT_BASE_S="0.05", STT_RECONNECT_MAX_FAILURES="2")
+        try:
+            dg.drop_after_bytes = 3 * SR * 2
+            dg.refuse_connections = 1000
+            result = await stream_frames(f"{server.ws}/v4/listen?codec=pcm16&sample_rate=16000",
+                                         pcm16_frames(speech_audio), pace_s=0.01, close=False, timeout_s=30)
+            alive = __import__("httpx").get(f"{server.http}/health").status_code
+        finally:
+            stop_server(server)
+    assert result.close_code == 1011
+    assert [e["code"] for e in result.errors()] == ["stt_unavailable"]
+    assert alive == 200
