@@ -58,6 +58,7 @@ class Settings(BaseSettings):
     deepgram_url: str = "https://api.deepgram.com"
     deepgram_model: str = "nova-3"
     deepgram_keepalive_s: float = 5.0
+    stt_send_chunk_ms: float = Field(default=100.0, ge=0)  # speech audio per Deepgram message (a region's end: at once)
     stt_replay_buffer_s: float = Field(default=60.0, gt=0)  # unacknowledged speech held per stream for a replay
     stt_reconnect_base_s: float = Field(default=0.25, gt=0)  # first backoff step after a dropped STT socket
     stt_reconnect_max_s: float = Field(default=8.0, gt=0)  # backoff cap

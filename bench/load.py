@@ -186,7 +186,8 @@ class Bench:
         self.servers_started += 1
         log(f"starting server #{self.servers_started}")
         t = time.monotonic()
-        server = loadlib.start_server(self.tmp / f"server{self.servers_started}", self.server_env())
+        server = loadlib.start_server(self.tmp / f"server{self.servers_started}", self.server_env(),
+                                      cwd=self.args.server_dir)
         log(f"server ready in {time.monotonic() - t:.1f} s (pid {server.proc.pid})")
         return server
 
@@ -578,8 +579,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--stagger", type=float, default=1.0, help="stream starts spread over this many seconds (1)")
     p.add_argument("--client-procs", type=int, default=0, help="client processes (0: one per 50 streams)")
     p.add_argument("--reply-delay", type=float, default=0.1, help="test STT reply delay, subtracted (0.1 s)")
-    p.add_argument("--word-s", type=float, default=0.25, help="test STT word length (0.25 s)")
-    p.add_argument("--result-every-s", type=float, default=0.25, help="test STT result cadence (0.25 s of audio)")
+    p.add_argument("--word-s", type=float, default=0.5, help="test STT word length (0.5 s)")
+    # Deepgram's final results (interim_results=false) come about once a second of speech, or at a Finalize.
+    p.add_argument("--result-every-s", type=float, default=1.0, help="test STT result cadence (1 s of audio)")
+    p.add_argument("--server-dir", type=Path, default=loadlib.REPO,
+                   help="the checkout whose server.py runs (A/B against another commit; default this one)")
     p.add_argument("--drain-gap", type=float, default=1.5, help="after the last frame, close once quiet this long")
     p.add_argument("--drain-max", type=float, default=15.0, help="... or after this long at most")
     p.add_argument("--idle-streams", type=int, default=100, help="M silent streams: MB per idle stream (0: skip)")

@@ -177,7 +177,7 @@ class ServerProcess:
         return "\n".join(text.splitlines()[-lines:])
 
 
-def start_server(workdir: Path, env: dict[str, str], timeout_s: float = 180.0) -> ServerProcess:
+def start_server(workdir: Path, env: dict[str, str], timeout_s: float = 180.0, cwd: Path = REPO) -> ServerProcess:
     """`python -m uvicorn server:app` on a free loopback port with a fresh DATA_DIR; returns once /ready is 200."""
     import httpx
 
@@ -190,7 +190,7 @@ def start_server(workdir: Path, env: dict[str, str], timeout_s: float = 180.0) -
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "server:app", "--host", "127.0.0.1", "--port", str(port)],
-            cwd=REPO, env=full_env, stdout=log, stderr=subprocess.STDOUT,
+            cwd=cwd, env=full_env, stdout=log, stderr=subprocess.STDOUT,
         )
     server = ServerProcess(port, proc, log_path)
     deadline = time.monotonic() + timeout_s

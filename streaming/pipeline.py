@@ -21,7 +21,7 @@ from streaming.codecs import DecodeError, FrameDecoder
 from streaming.protocol import ErrorEvent, TranscriptSegment
 from streaming.segment_writer import Persist, SegmentWriter
 from streaming.speaker import MatchRules, ProfileIndex
-from streaming.stt import SAMPLE_RATE, SentTimeline, SttFactory, SttSession, Transcript
+from streaming.stt import SAMPLE_RATE, SentTimeline, SttError, SttFactory, SttSession, Transcript
 from streaming.tagging import MIN_WINDOW_S, SpeakerLabel, SpeakerTagger
 from streaming.vad import SpeechAudio, SpeechEnd, StreamingVAD, VadBackend, VadEvent, VadParams, detect_regions
 
@@ -100,6 +100,12 @@ class PipelineStats:
     started: float = field(default_factory=time.monotonic)
 
 
+# A stream's frames waiting for its worker. Beyond either bound `feed` waits: 2 s of 16 kHz pcm16, or 1 s of 20 ms
+# frames, bounds the memory a fast client can take while keeping enough for the worker to batch under load.
+MAX_QUEUED_BYTES = 64 * 1024
+MAX_QUEUED_FRAMES = 50
+
+
 class Pipeline:
     """One connection's audio path. `feed` frames in arrival order; `finish` once at the end."""
 
@@ -131,6 +137,10 @@ class Pipeline:
         self._keepalive_s = keepalive_s
         self._last_sent = time.monotonic()
         self._keepalive_task: asyncio.Task | None = None
+        self._inbox: list[tuple[int, bytes]] = []  # (frame number, frame) not yet decoded
+        self._inbox_bytes = 0
+        self._worker: asyncio.Task | None = None
+        self._worker_error: Exception | None = None
         self.writer = (SegmentWriter(persist, self._emit, pending_max=pending_max, retry_on_close_s=retry_on_close_s,
                                      write_timeout_s=write_timeout_s) if persist is not None else None)
 
@@ -139,20 +149,46 @@ class Pipeline:
         self._keepalive_task = asyncio.create_task(self._keepalive_loop(), name="stt-keepalive")
 
     async def feed(self, frame: bytes) -> None:
+        """Queues a frame for this stream's worker and returns; waits only while the queue is full (a client
+        sending faster than the server processes is slowed down by TCP, never dropped)."""
         self.stt.check()  # STT gave up for good (raises SttError): the stream must end, not go on deaf
+        if self._worker_error is not None:
+            raise self._worker_error
         self.stats.frames += 1
+        self._inbox.append((self.stats.frames, frame))
+        self._inbox_bytes += len(frame)
+        if self._worker is None or self._worker.done():
+            self._worker = asyncio.create_task(self._work(), name="pipeline-worker")
+        if self._inbox_bytes >= MAX_QUEUED_BYTES or len(self._inbox) >= MAX_QUEUED_FRAMES:
+            await asyncio.shield(self._worker)
+            if self._worker_error is not None:
+                raise self._worker_error
+
+    async def _work(self) -> None:
+        """Decodes and runs the VAD on every queued frame in one worker-thread call, forwards the result, and goes
+        on while frames arrived meanwhile. Idle, that is one frame per call (no added delay); under load, calls
+        take many frames at once, which amortises the thread hop and the VAD call over them."""
         try:
-            events = await asyncio.to_thread(self._decode_and_detect, frame)
-        except DecodeError as exc:
-            self.stats.bad_frames += 1
-            await self._emit(ErrorEvent(code="bad_frame", message=f"frame {self.stats.frames}: {exc}").model_dump())
-            return
-        await self._forward(events)
+            while self._inbox:
+                batch, self._inbox, self._inbox_bytes = self._inbox, [], 0
+                events, bad = await asyncio.to_thread(self._decode_and_detect, batch)
+                await self._forward(events)
+                for index, problem in bad:
+                    self.stats.bad_frames += 1
+                    await self._emit(ErrorEvent(code="bad_frame", message=f"frame {index}: {problem}").model_dump())
+        except Exception as exc:  # raised to the receive loop by the next feed(), as if feed had raised it
+            if not isinstance(exc, SttError):
+                log.exception("stream worker failed")
+            self._worker_error = exc
+            self._inbox, self._inbox_bytes = [], 0
 
     async def finish(self) -> None:
         """Flush the decoder and VAD, deliver the last transcripts, close STT. Safe to call once."""
         if self._keepalive_task is not None:
             self._keepalive_task.cancel()
+        if self._worker is not None:
+            with contextlib.suppress(Exception):
+                await self._worker  # the frames received before the end are processed first
         with contextlib.suppress(Exception):
             events = await asyncio.to_thread(self._flush)
             await self._forward(events)
@@ -164,11 +200,23 @@ class Pipeline:
 
     # -- steps --------------------------------------------------------------------------------------------------
 
-    def _decode_and_detect(self, frame: bytes) -> list[VadEvent]:
-        """Worker thread: codec decode, resample to 16 kHz, VAD. Touches only this pipeline's state."""
-        audio = self._decoder.decode(frame)
+    def _decode_and_detect(self, frames: list[tuple[int, bytes]]) -> tuple[list[VadEvent], list[tuple[int, str]]]:
+        """Worker thread: codec decode, resample to 16 kHz, VAD over all the frames at once. Touches only this
+        pipeline's state. Returns the VAD events and the frames that could not be decoded (index, why)."""
+        decoded, bad = [], []
+        for index, frame in frames:
+            try:
+                audio = self._decoder.decode(frame)
+            except DecodeError as exc:
+                bad.append((index, str(exc)))
+                continue
+            if len(audio):
+                decoded.append(audio)
+        audio = np.concatenate(decoded) if len(decoded) > 1 else (decoded[0] if decoded else None)
+        if audio is None:
+            return [], bad
         self.stats.stream_samples += len(audio)
-        return self._vad.process(audio) if len(audio) else []
+        return self._vad.process(audio), bad
 
     def _flush(self) -> list[VadEvent]:
         tail = self._decoder.flush()

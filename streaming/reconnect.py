@@ -66,6 +66,16 @@ class ReplayBuffer:
         self._audio_samples += item.samples
         return self._trim()
 
+    def audio_between(self, start: int, end: int) -> bytes:
+        """The held audio of sent-clock samples [start, end), joined (what a coalesced send carries)."""
+        parts = []
+        for item in self._items:
+            if item.audio is None or item.position + item.samples <= start or item.position >= end:
+                continue
+            a, b = max(start, item.position) - item.position, min(end, item.position + item.samples) - item.position
+            parts.append(item.audio[a * 2 : b * 2])
+        return b"".join(parts)
+
     def add_finalize(self) -> None:
         self._seq += 1
         self._items.append(BufferedItem(self._seq, self.end, None))

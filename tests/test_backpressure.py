@@ -216,7 +216,8 @@ async def test_a_client_that_never_reads_is_closed_and_the_server_stays_bounded(
     with ThreadedDeepgramTestServer(api_key="dg-key", word_s=0.01, result_every_s=0.05) as deepgram:
         server = start_server(tmp_path, STT_BACKEND="deepgram", DEEPGRAM_URL=deepgram.url, DEEPGRAM_API_KEY="dg-key",
                               JOBS_ENABLED="false", HEARTBEAT_S="0.02", WS_SEND_QUEUE_MAX="64",
-                              WS_SLOW_CLIENT_TIMEOUT_S="3", IDLE_TIMEOUT_S="300")
+                              WS_SLOW_CLIENT_TIMEOUT_S="3", IDLE_TIMEOUT_S="300",
+                              UVICORN_WS_PING_INTERVAL="600")  # uvicorn's ping timeout would close it (1011) first
         rss = [rss_mb(server.proc.pid)]
 
         async def sample_rss() -> None:
@@ -231,8 +232,10 @@ async def test_a_client_that_never_reads_is_closed_and_the_server_stays_bounded(
             sock.connect(("127.0.0.1", server.port))
             async with connect(server.ws + URL, sock=sock, additional_headers=slow_headers, max_queue=1,
                                compression=None, ping_interval=None, open_timeout=30, close_timeout=5) as slow:
-                for frame in pcm16_frames(speech(90.0)):  # as fast as it can
+                for i, frame in enumerate(pcm16_frames(speech(90.0))):  # 4x real time: results keep coming
                     await slow.send(frame)
+                    if i % 10 == 9:
+                        await asyncio.sleep(0.05)
                 # Another client meanwhile, in real time: served as usual.
                 other = await stream_frames(server.ws + URL, pcm16_frames(speech(12.0)), pace_s=0.02)
                 await wait_until(lambda: metric(server, "ws_slow_clients_closed_total") >= 1, 90, "slow-client close")

@@ -44,6 +44,8 @@ def test_replay_buffer_acks_trims_and_keeps_order():
     seq = buf.items_after()[-1].seq
     buf.add_audio(b"\x03\x00" * 100)
     assert [i.position for i in buf.items_after(seq)] == [600]  # what arrived during a replay
+    joined = buf.audio_between(550, 650)  # across two chunks: 50 samples of each
+    assert joined == b"\x02\x00" * 50 + b"\x03\x00" * 50
     dropped = buf.add_audio(b"\x04\x00" * 700)  # 400 + 700 > 1000: the oldest 100 go
     assert dropped == 100 and buf.audio_samples == 1000 and buf.start == 400
 
