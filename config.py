@@ -37,6 +37,9 @@ class Settings(BaseSettings):
     speaker_backend: Literal["resemblyzer", "speechbrain"] = "resemblyzer"
     speechbrain_model: str = "speechbrain/spkrec-ecapa-voxceleb"  # Hugging Face id or local directory
     lazy_models: bool = False  # load models on first use instead of at start-up
+    # torch intra-op threads per model call (0: torch's default, one per core). 1 on CPU: under many streams the
+    # parallelism comes from batching and threads, and idle OpenMP threads spin (bench/RESULTS.md: 40% less CPU).
+    torch_threads: int = Field(default=1, ge=0)
 
     # --- the shared model pool ---
     pool_max_batch: int = 32

@@ -291,10 +291,10 @@ class ModelPool:
         `settings.lazy_models`; starts the workers.
 
         `embedder`: an already loaded and warmed-up `SpeakerEmbedder` to use instead (tests, benchmarks).
-        `torch_threads`: torch intra-op threads in the worker threads; default: the process-wide
-        `torch.get_num_threads()` (OMP_NUM_THREADS, or what the process set), applied in each worker thread because a
-        thread that did not set it itself runs small batches several times slower (measured, bench/embeddings.py)."""
-        pool = cls(settings, torch_threads)
+        `torch_threads`: torch intra-op threads in the worker threads; default: `settings.torch_threads` (0: the
+        process-wide `torch.get_num_threads()`), applied in each worker thread because a thread that did not set it
+        itself runs small batches several times slower (measured, bench/embeddings.py)."""
+        pool = cls(settings, torch_threads if torch_threads is not None else (settings.torch_threads or None))
         if embedder is not None:
             pool._embedder = embedder
         elif not settings.lazy_models:
