@@ -383,6 +383,8 @@ def verdict(r: dict[str, Any]) -> None:
         p_first, p_last = r["p95_first_third_s"], r["p95_last_third_s"]
         if math.isfinite(p_first) and math.isfinite(p_last) and p_last - p_first > max(0.25, 0.5 * p_first):
             problems.append(f"backlog: p95 grew from {ms(p_first)} to {ms(p_last)} ms over the window")
+        elif r["p50_s"] > CRITERION_P95_S:  # steady but far behind: the backlog built up before the window
+            problems.append(f"backlog: half the segments over {ms(r['p50_s'])} ms late")
     if r["streams_without_segments"] > 0.1 * n:
         problems.append(f"{r['streams_without_segments']} streams got no new segment in the window")
     client_limited = math.isfinite(r["loop_lag_p95_s"]) and r["loop_lag_p95_s"] > LOOP_LAG_LIMIT_S
