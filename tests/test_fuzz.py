@@ -511,8 +511,8 @@ def test_random_query_strings_and_auth(server_log_checked, params, raw, headers)
     start = len(server.log())
     note(f"query={query!r} headers={headers!r}")
 
-    def settled(r) -> bool:
-        return "ready" in r.statuses() or bool(r.errors())
+    def settled(r) -> bool:  # a refusal is left to the server to close (the client closing first would race it)
+        return "ready" in r.statuses()
 
     result = asyncio.run(stream_frames(f"{server.ws}/v4/listen?{query}", [], headers=headers, until=settled,
                                        timeout_s=30))
