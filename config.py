@@ -45,6 +45,9 @@ class Settings(BaseSettings):
     pool_max_batch: int = 32
     pool_max_wait_ms: float = 10.0
     pool_queue_size: int = 2048
+    # The live streams' VAD: every stream's new frames scored together, one model call per 32 ms step.
+    vad_max_batch: int = Field(default=512, ge=1)
+    vad_max_wait_ms: float = Field(default=10.0, ge=0)
 
     # --- streaming VAD (defaults tuned on the AMI excerpts, see README "Voice activity detection") ---
     vad_onset: float = 0.4

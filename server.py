@@ -79,7 +79,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         st.jobs = jobs.JobRunner(s, st.storage, st.conversations)
         if s.jobs_enabled:
             st.jobs.start()
-        st.pool = await ModelPool.create(s)
+        st.pool = await ModelPool.create(s, vad_backend=st.vad_backend)
         st.identifier = SegmentIdentifier(st.pool, st.vad_backend, st.vad_params, MATCH_RULES)
         st.ready = True
         log.info("ready: vad=%s stt=%s device=%s", st.vad_backend.name, st.stt_factory.backend, s.model_device)
@@ -549,6 +549,7 @@ async def _serve_stream(client: _Client, params: ListenParams, uid: str, st: Any
         pending_max=s.storage_pending_max_segments,
         retry_on_close_s=s.storage_retry_on_close_s,
         write_timeout_s=s.storage_write_timeout_s,
+        vad_runner=st.pool.run_vad,
     )
     link.pipeline = pipeline
     await client.send_json(ServiceStatusEvent(status="stt_initiating", status_text="STT starting").model_dump())

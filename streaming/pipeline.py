@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from streaming.codecs import DecodeError, FrameDecoder
+from streaming.pool import VadJob
 from streaming.protocol import ErrorEvent, TranscriptSegment
 from streaming.segment_writer import Persist, SegmentWriter
 from streaming.speaker import MatchRules, ProfileIndex
@@ -28,6 +29,9 @@ from streaming.vad import SpeechAudio, SpeechEnd, StreamingVAD, VadBackend, VadE
 log = logging.getLogger(__name__)
 
 Emit = Callable[[Any], Awaitable[None]]  # sends one JSON message (a list of segments or an event) to the client
+# Runs one stream's `FrameJob` (decode + VAD) and returns its result: the model pool's batched VAD (`run_vad`) in the
+# server; by default the job alone in a worker thread.
+VadRunner = Callable[[VadJob], Awaitable[Any]]
 
 
 class SegmentBuilder:
@@ -89,6 +93,46 @@ class SegmentBuilder:
         return changed
 
 
+class FrameJob:
+    """One stream's queued frames on their way through decode and VAD (a `pool.VadJob`). `prepare` and `complete`
+    run in the VAD worker thread and touch only this stream's decoder and VAD, which nothing else touches while the
+    job is out (`Pipeline._work` awaits it). The result: the VAD events, and the frames that could not be decoded
+    as (frame number, why)."""
+
+    __slots__ = ("bad", "decoder", "events", "frames", "samples", "vad")
+
+    def __init__(self, decoder: FrameDecoder, vad: StreamingVAD, frames: list[tuple[int, bytes]]) -> None:
+        self.decoder = decoder
+        self.vad = vad
+        self.frames = frames
+        self.bad: list[tuple[int, str]] = []
+        self.samples = 0  # 16 kHz samples decoded
+        self.events: list[VadEvent] = []
+
+    def prepare(self) -> tuple[StreamingVAD, np.ndarray]:
+        decoded = []
+        for index, frame in self.frames:
+            try:
+                audio = self.decoder.decode(frame)
+            except DecodeError as exc:
+                self.bad.append((index, str(exc)))
+                continue
+            if len(audio):
+                decoded.append(audio)
+        audio = np.concatenate(decoded) if len(decoded) > 1 else (decoded[0] if decoded else np.zeros(0, np.float32))
+        self.samples = len(audio)
+        return self.vad, self.vad.take(audio)
+
+    def complete(self, probs: np.ndarray) -> FrameJob:
+        self.events = self.vad.decide(probs)
+        return self
+
+    def run_alone(self) -> FrameJob:
+        """Blocking: the job without the pool (one model call for this stream)."""
+        vad, model_in = self.prepare()
+        return self.complete(vad.backend.speech_probs(vad.state, model_in) if len(model_in) else model_in[:0])
+
+
 @dataclass
 class PipelineStats:
     frames: int = 0
@@ -125,9 +169,11 @@ class Pipeline:
         pending_max: int = 5000,
         retry_on_close_s: float = 30.0,
         write_timeout_s: float = 10.0,
+        vad_runner: VadRunner | None = None,
     ) -> None:
         self._decoder = decoder
         self._vad = StreamingVAD(vad_backend, vad_params)
+        self._run_vad = vad_runner or _run_alone
         self._emit = emit
         self.timeline = SentTimeline()
         self.segments = SegmentBuilder(self.timeline, time_offset)
@@ -165,15 +211,16 @@ class Pipeline:
                 raise self._worker_error
 
     async def _work(self) -> None:
-        """Decodes and runs the VAD on every queued frame in one worker-thread call, forwards the result, and goes
-        on while frames arrived meanwhile. Idle, that is one frame per call (no added delay); under load, calls
-        take many frames at once, which amortises the thread hop and the VAD call over them."""
+        """Decodes and runs the VAD on every queued frame in one job (on the model pool, batched with the other
+        streams' jobs), forwards the result, and goes on while frames arrived meanwhile. A stream has one job out at
+        a time; the frames that come meanwhile make its next one, so under load each job carries more frames."""
         try:
             while self._inbox:
                 batch, self._inbox, self._inbox_bytes = self._inbox, [], 0
-                events, bad = await asyncio.to_thread(self._decode_and_detect, batch)
-                await self._forward(events)
-                for index, problem in bad:
+                job = await self._run_vad(FrameJob(self._decoder, self._vad, batch))
+                self.stats.stream_samples += job.samples
+                await self._forward(job.events)
+                for index, problem in job.bad:
                     self.stats.bad_frames += 1
                     await self._emit(ErrorEvent(code="bad_frame", message=f"frame {index}: {problem}").model_dump())
         except Exception as exc:  # raised to the receive loop by the next feed(), as if feed had raised it
@@ -199,24 +246,6 @@ class Pipeline:
                 await self.writer.drain()
 
     # -- steps --------------------------------------------------------------------------------------------------
-
-    def _decode_and_detect(self, frames: list[tuple[int, bytes]]) -> tuple[list[VadEvent], list[tuple[int, str]]]:
-        """Worker thread: codec decode, resample to 16 kHz, VAD over all the frames at once. Touches only this
-        pipeline's state. Returns the VAD events and the frames that could not be decoded (index, why)."""
-        decoded, bad = [], []
-        for index, frame in frames:
-            try:
-                audio = self._decoder.decode(frame)
-            except DecodeError as exc:
-                bad.append((index, str(exc)))
-                continue
-            if len(audio):
-                decoded.append(audio)
-        audio = np.concatenate(decoded) if len(decoded) > 1 else (decoded[0] if decoded else None)
-        if audio is None:
-            return [], bad
-        self.stats.stream_samples += len(audio)
-        return self._vad.process(audio), bad
 
     def _flush(self) -> list[VadEvent]:
         tail = self._decoder.flush()
@@ -288,6 +317,10 @@ class Pipeline:
         changed = self.segments.relabel(speaker_id, self.tagger.label(speaker_id))
         await self._deliver(changed)
         return changed, embeddings
+
+
+async def _run_alone(job: VadJob) -> FrameJob:
+    return await asyncio.to_thread(job.run_alone)
 
 
 # --- batch mode -------------------------------------------------------------------------------------------------

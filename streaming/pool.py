@@ -16,13 +16,15 @@ Thread-safety contract of `BatchingWorker`:
   that went away): they are never computed, and a result for one cancelled meanwhile is dropped. A requester's loop
   that has closed is ignored.
 - If `batch_fn` raises (or returns the wrong number of results), every request of that batch gets the exception and
-  the worker goes on with the next batch. Should the thread itself ever die, it fails everything queued and refuses
-  new work rather than leaving callers waiting forever.
+  the worker goes on with the next batch. A result that is an `ItemFailed` fails only its own request. Should the
+  thread itself ever die, it fails everything queued and refuses new work rather than leaving callers waiting
+  forever.
 - `stop()` may be called from any thread (the lifespan calls it through `asyncio.to_thread`): queued requests fail
   with `PoolClosed`, a batch already inside `batch_fn` finishes and is delivered, the thread is joined.
 
-`ModelPool` owns the workers (today: the speaker embedder's) and holds no per-stream state: each request carries its
-own data and future.
+`ModelPool` owns the workers (the VAD's and the speaker embedder's) and holds no per-stream state: each request
+carries its own data and future. A VAD request carries one stream's own decoder and VAD state (`VadJob`); a stream
+has at most one request in flight, so while it is queued or computed only the worker thread touches that state.
 """
 
 from __future__ import annotations
@@ -34,11 +36,12 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import numpy as np
 
 from config import Settings
+from streaming.vad import StreamingVAD, VadBackend
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +57,45 @@ class PoolSaturated(RuntimeError):
 
 class PoolClosed(RuntimeError):
     """The worker is not running (not started yet, stopped at shutdown, or its thread died)."""
+
+
+@dataclass(slots=True)
+class ItemFailed:
+    """A `batch_fn` result that fails its own request only (the rest of the batch succeeds)."""
+
+    error: BaseException
+
+
+class VadJob(Protocol):
+    """One stream's step on the VAD worker: its frames to decode and score. Both methods run in the worker thread,
+    one job of a stream at a time (see `Pipeline`): they may touch that stream's decoder and VAD state only."""
+
+    def prepare(self) -> tuple[StreamingVAD, np.ndarray]:
+        """Decodes the frames; returns the stream's VAD and the model input of `StreamingVAD.take` (maybe empty)."""
+
+    def complete(self, probs: np.ndarray) -> Any:
+        """The probabilities of `prepare`'s model input; returns what the stream's request resolves to."""
+
+
+def run_vad_jobs(backend: VadBackend, jobs: Sequence[VadJob]) -> list[Any]:
+    """Blocking: prepares every job, scores all of them in one `speech_probs_batch`, completes them. A job whose
+    `prepare` or `complete` raises gets an `ItemFailed`; a model error fails the whole call."""
+    results: list[Any] = [None] * len(jobs)
+    scoring: list[tuple[int, StreamingVAD, np.ndarray]] = []
+    for i, job in enumerate(jobs):
+        try:
+            vad, model_in = job.prepare()
+        except Exception as exc:
+            results[i] = ItemFailed(exc)
+            continue
+        scoring.append((i, vad, model_in))
+    probs = backend.speech_probs_batch([vad.state for _, vad, _ in scoring], [m for _, _, m in scoring])
+    for (i, _, _), p in zip(scoring, probs, strict=True):
+        try:
+            results[i] = jobs[i].complete(p)
+        except Exception as exc:
+            results[i] = ItemFailed(exc)
+    return results
 
 
 @dataclass(slots=True)
@@ -135,7 +177,14 @@ class BatchingWorker(Generic[T, R]):
     # --- requests (event loop) -----------------------------------------------------------------------------------
 
     async def submit(self, item: T) -> R:
-        return (await self.submit_many([item]))[0]
+        """`submit_many([item])[0]`, with one future and no gather (the VAD sends one request per stream and step)."""
+        loop = asyncio.get_running_loop()
+        request = _Request(item, loop.create_future(), loop)
+        self._admit([request])
+        try:
+            return await request.future
+        finally:  # cancelled: the worker skips it
+            request.future.cancel()
 
     async def submit_many(self, items: Sequence[T]) -> list[R]:
         """Results in the order of `items`. All or nothing: every item is queued, or `PoolSaturated` is raised and
@@ -147,6 +196,15 @@ class BatchingWorker(Generic[T, R]):
                              f"{self.queue_size}")
         loop = asyncio.get_running_loop()
         requests = [_Request(item, loop.create_future(), loop) for item in items]
+        self._admit(requests)
+        futures = [r.future for r in requests]
+        try:
+            return list(await asyncio.gather(*futures))
+        finally:  # cancelled, or one item failed: the rest need not be computed
+            for f in futures:
+                f.cancel()
+
+    def _admit(self, requests: list[_Request]) -> None:
         with self._cond:
             if not self._running:
                 raise PoolClosed(f"model pool {self.name} is not running")
@@ -155,12 +213,6 @@ class BatchingWorker(Generic[T, R]):
             self._pending.extend(requests)
             self._max_queued = max(self._max_queued, len(self._pending))
             self._cond.notify()
-        futures = [r.future for r in requests]
-        try:
-            return list(await asyncio.gather(*futures))
-        finally:  # cancelled, or one item failed: the rest need not be computed
-            for f in futures:
-                f.cancel()
 
     # --- introspection -------------------------------------------------------------------------------------------
 
@@ -239,7 +291,8 @@ class BatchingWorker(Generic[T, R]):
             results = list(self._batch_fn([r.item for r in batch]))
             if len(results) != len(batch):
                 raise RuntimeError(f"model pool {self.name}: {len(results)} results for {len(batch)} requests")
-            outcomes = [(r.future, res, None) for r, res in zip(batch, results, strict=True)]
+            outcomes = [(r.future, None, res.error) if isinstance(res, ItemFailed) else (r.future, res, None)
+                        for r, res in zip(batch, results, strict=True)]
         except Exception as exc:  # the batch's callers get the error; the worker goes on
             log.warning("model pool %s: batch of %d failed: %r", self.name, len(batch), exc)
             self._failed_batches += 1
@@ -272,34 +325,42 @@ class BatchingWorker(Generic[T, R]):
 
 
 class ModelPool:
-    """One per process, created in the app lifespan; holds no per-stream state. Owns the speaker embedder and its
-    batching worker (the place where more models' workers go later, e.g. batched VAD)."""
+    """One per process, created in the app lifespan; holds no per-stream state. Owns the speaker embedder and the
+    VAD backend, each with its batching worker."""
 
-    def __init__(self, settings: Settings, torch_threads: int | None = None) -> None:
+    def __init__(self, settings: Settings, torch_threads: int | None = None,
+                 vad_backend: VadBackend | None = None) -> None:
         self._settings = settings
         self._embedder = None
         self._load_lock = asyncio.Lock()
         self.torch_threads = torch_threads
+        self.vad_backend = vad_backend
         self._speaker = BatchingWorker("speaker", self._embed_batch, settings.pool_max_batch,
                                        settings.pool_max_wait_ms, settings.pool_queue_size,
                                        thread_init=self._init_worker_thread)
+        self._vad = BatchingWorker("vad", self._vad_batch, settings.vad_max_batch, settings.vad_max_wait_ms,
+                                   settings.pool_queue_size, thread_init=self._init_worker_thread)
 
     @classmethod
-    async def create(cls, settings: Settings, embedder: Any | None = None,
-                     torch_threads: int | None = None) -> ModelPool:
+    async def create(cls, settings: Settings, embedder: Any | None = None, torch_threads: int | None = None,
+                     vad_backend: VadBackend | None = None) -> ModelPool:
         """Loads (`streaming.speaker.load_embedder`, in a thread) and warms up the embedder unless
         `settings.lazy_models`; starts the workers.
 
         `embedder`: an already loaded and warmed-up `SpeakerEmbedder` to use instead (tests, benchmarks).
         `torch_threads`: torch intra-op threads in the worker threads; default: `settings.torch_threads` (0: the
         process-wide `torch.get_num_threads()`), applied in each worker thread because a thread that did not set it
-        itself runs small batches several times slower (measured, bench/embeddings.py)."""
-        pool = cls(settings, torch_threads if torch_threads is not None else (settings.torch_threads or None))
+        itself runs small batches several times slower (measured, bench/embeddings.py).
+        `vad_backend`: the live streams' VAD (`run_vad`); without it `run_vad` raises PoolClosed."""
+        pool = cls(settings, torch_threads if torch_threads is not None else (settings.torch_threads or None),
+                   vad_backend)
         if embedder is not None:
             pool._embedder = embedder
         elif not settings.lazy_models:
             await pool.ensure_loaded()
         pool._speaker.start()
+        if vad_backend is not None:
+            pool._vad.start()
         return pool
 
     async def ensure_loaded(self) -> None:
@@ -323,6 +384,15 @@ class ModelPool:
 
     def _embed_batch(self, clips: list[np.ndarray]) -> np.ndarray:  # worker thread
         return self._embedder.embed_batch(clips)
+
+    def _vad_batch(self, jobs: list[VadJob]) -> list[Any]:  # worker thread
+        return run_vad_jobs(self.vad_backend, jobs)
+
+    async def run_vad(self, job: VadJob) -> Any:
+        """One stream's frames through decode and VAD, batched with every other stream's (one model call per 32 ms
+        frame step for all of them). The caller must not touch the stream's decoder or VAD until this returns.
+        Raises PoolSaturated, PoolClosed, or what the job raised."""
+        return await self._vad.submit(job)
 
     @property
     def loaded(self) -> bool:
@@ -350,7 +420,7 @@ class ModelPool:
         return self._speaker.saturation >= SATURATED_AT
 
     def stats(self) -> dict[str, Any]:
-        return {"loaded": self.loaded, "speaker": self._speaker.stats()}
+        return {"loaded": self.loaded, "speaker": self._speaker.stats(), "vad": self._vad.stats()}
 
     async def embed(self, clip: np.ndarray) -> np.ndarray:
         """One (dim,) embedding."""
@@ -369,3 +439,4 @@ class ModelPool:
 
     async def close(self) -> None:
         await asyncio.to_thread(self._speaker.stop)
+        await asyncio.to_thread(self._vad.stop)

@@ -139,6 +139,78 @@ def test_streams_do_not_share_state():
         assert m1 == m2 and np.array_equal(s1, s2)
 
 
+def test_silero_batch_equals_one_stream_calls():
+    """The batched export (many streams per call, ragged frame counts, carried state) gives each stream exactly the
+    probabilities of the one-stream export."""
+    backend = SileroVad()
+    audio = read_wav(SAMPLE_WAV)
+    n = 187 * 512  # about 6 s, whole frames
+    signals = [audio[i * 3 * SR : i * 3 * SR + n] for i in range(5)]
+    alone = [backend.speech_probs(backend.new_state(), x) for x in signals]
+    states = [backend.new_state() for _ in signals]
+    got: list[list[np.ndarray]] = [[] for _ in signals]
+    pos = [0] * len(signals)
+    rng = np.random.default_rng(1)
+    while any(p < n for p in pos):
+        steps = [int(rng.integers(0, 4)) * 512 for _ in signals]  # 0-3 frames each, some streams idle this round
+        parts = [x[p : p + n] for x, p, n in zip(signals, pos, steps, strict=True)]
+        for out, probs in zip(got, backend.speech_probs_batch(states, parts), strict=True):
+            out.append(probs)
+        pos = [p + len(part) for p, part in zip(pos, parts, strict=True)]
+    for expected, pieces in zip(alone, got, strict=True):
+        np.testing.assert_allclose(np.concatenate(pieces), expected, atol=1e-5)
+    # and a stream can move between the exports at any point: their states are the same
+    state = backend.new_state()
+    first = backend.speech_probs_batch([state, backend.new_state()], [signals[0][: 64 * 512], signals[1][:512]])[0]
+    rest = backend.speech_probs(state, signals[0][64 * 512 :])
+    np.testing.assert_allclose(np.concatenate((first, rest)), alone[0], atol=1e-5)
+
+
+async def test_streams_batched_on_the_pool_decide_as_each_alone():
+    """Pipelines' frame jobs through the pool's VAD worker (one model call for all streams per step) give every
+    stream the events it gets alone; a job that fails fails only its own stream."""
+    from streaming.codecs import make_decoder
+    from streaming.pipeline import FrameJob
+    from streaming.pool import ModelPool
+
+    backend = SileroVad()
+    audio = read_wav(SAMPLE_WAV)
+    signals = [audio[i * 2 * SR : i * 2 * SR + 8 * SR] for i in range(6)]
+    alone = [summarize(run_vad(StreamingVAD(backend, VadParams()), x, 320)) for x in signals]
+    pool = await ModelPool.create(Settings(_env_file=None, lazy_models=True), vad_backend=backend)
+    try:
+        decoders = [make_decoder("pcm16", SR, 1) for _ in signals]
+        vads = [StreamingVAD(backend, VadParams()) for _ in signals]
+        events: list[list] = [[] for _ in signals]
+        pcm = [(np.clip(x, -1, 32767 / 32768) * 32768).astype("<i2").tobytes() for x in signals]
+
+        async def stream(i: int) -> None:
+            for k, offset in enumerate(range(0, len(pcm[i]), 640 * 3)):  # three 20 ms frames per job
+                frames = [(k * 3 + j, pcm[i][offset + j * 640 : offset + (j + 1) * 640]) for j in range(3)]
+                job = await pool.run_vad(FrameJob(decoders[i], vads[i], [f for f in frames if f[1]]))
+                events[i] += job.events
+            events[i] += vads[i].flush()
+
+        class Broken(FrameJob):
+            def prepare(self):
+                raise RuntimeError("broken stream")
+
+        async def broken() -> None:
+            with pytest.raises(RuntimeError, match="broken stream"):
+                await pool.run_vad(Broken(make_decoder("pcm16", SR, 1), StreamingVAD(backend), [(0, b"\0" * 640)]))
+
+        import asyncio
+
+        await asyncio.gather(broken(), *(stream(i) for i in range(len(signals))))
+        assert pool.stats()["vad"]["mean_batch"] > 1.5  # the streams really shared model calls
+    finally:
+        await pool.close()
+    for (m1, s1), ev in zip(alone, events, strict=True):
+        m2, s2 = summarize(ev)
+        assert m1 == m2
+        np.testing.assert_allclose(s1, s2, atol=1 / 32768)  # pcm16 rounding of the input
+
+
 def test_max_speech_cuts_long_regions():
     probs = [0.9] * 200
     params = VadParams(onset=0.5, offset=0.3, pre_roll_ms=0, hangover_ms=100, min_speech_ms=0, max_speech_s=1.0)
