@@ -296,7 +296,10 @@ class _Client:
         self._slow_timeout_s = slow_timeout_s
         self._queue: deque[_Outgoing] = deque()
         self._wake = asyncio.Event()
-        self._stop: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._loop = asyncio.get_running_loop()
+        self._receiving: asyncio.Timeout | None = None  # the receive in progress, to interrupt it
+        self._receive_deadline = 0.0
+        self._timer: asyncio.TimerHandle | None = None  # wakes the receive at its deadline (re-armed lazily)
         self._closing = False
         self._flush_deadline: float | None = None
         self._sender = asyncio.create_task(self._send_loop(), name="ws-sender")
@@ -375,7 +378,8 @@ class _Client:
             if self._flush_deadline is not None:
                 timeout = max(min(timeout, self._flush_deadline - time.monotonic()), 0.01)
             try:
-                await asyncio.wait_for(self.ws.send_text(item.render()), timeout)
+                async with asyncio.timeout(timeout):
+                    await self.ws.send_text(item.render())
             except TimeoutError:
                 self._give_up(f"nothing sent for {timeout:.1f} s")
             except Exception:  # the client went away; the pipeline still finishes its work
@@ -402,6 +406,8 @@ class _Client:
 
     def abandon(self) -> None:
         """The connection's handler is done: stop the sender if nothing closed it."""
+        if self._timer is not None:
+            self._timer.cancel()
         if not self._sender.done():
             self._sender.cancel()
 
@@ -414,23 +420,48 @@ class _Client:
         deadline = time.monotonic() + linger_s
         if self.stop_code is None:
             self.stop_code, self.close_reason, self.stop_deadline = code, reason, deadline
-            self._stop.set_result(None)
+            self._interrupt()
         else:
             self.stop_deadline = min(self.stop_deadline, deadline)
 
     async def receive(self, timeout: float) -> dict[str, Any] | None:
-        """The next ASGI message, or None after `timeout` s or as soon as a stop is requested (a message that came
-        meanwhile is returned, never lost: cancelling a pending receive is safe in uvicorn's implementations).
-        Errors as from `WebSocket.receive`."""
-        recv = asyncio.ensure_future(self.ws.receive())
+        """The next ASGI message, or None after `timeout` s or as soon as a stop is requested during this call (a
+        message that came meanwhile is returned, never lost: cancelling a pending receive is safe in uvicorn's
+        implementations). Errors as from `WebSocket.receive`.
+
+        Called for every audio frame (50 a second per stream), so it is cheap: the receive is awaited in the
+        caller's task inside an `asyncio.timeout` with no deadline, which `_interrupt` expires when needed; one
+        timer per client wakes it at its deadline, re-armed only when it fires early (a frame's deadline is almost
+        always later than the previous one's), rather than a task, a timer and a wait per frame."""
+        self._receive_deadline = self._loop.time() + timeout
+        if self._timer is None or self._timer.when() > self._receive_deadline:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = self._loop.call_at(self._receive_deadline, self._on_timer)
+        interrupt = self._receiving = asyncio.timeout(None)
         try:
-            waiters: set[asyncio.Future[Any]] = {recv} if self._stop.done() else {recv, self._stop}
-            await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            async with interrupt:
+                return await self.ws.receive()
+        except TimeoutError:
+            if interrupt.expired():
+                return None
+            raise
         finally:
-            if not recv.done():
-                recv.cancel()
-                await asyncio.wait({recv})
-        return None if recv.cancelled() else recv.result()
+            self._receiving = None
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self._receiving is None:
+            return  # not receiving now: the next receive arms the timer again
+        if self._loop.time() >= self._receive_deadline:
+            self._interrupt()
+        else:
+            self._timer = self._loop.call_at(self._receive_deadline, self._on_timer)
+
+    def _interrupt(self) -> None:
+        """Ends the receive in progress, if any, with None."""
+        if self._receiving is not None and not self._receiving.expired():
+            self._receiving.reschedule(self._loop.time())
 
 
 async def _refuse(client: _Client, code: int, error: str, message: str) -> None:
