@@ -139,6 +139,7 @@ class BatchingWorker(Generic[T, R]):
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._running = False  # accepting work; guarded by _cond
+        self._idle = False  # the worker waits for a first request (not gathering, not computing); guarded by _cond
         # statistics: written by the worker thread (and admission, for max_queued), read anywhere
         self._items = 0
         self._batches = 0
@@ -212,7 +213,10 @@ class BatchingWorker(Generic[T, R]):
                 raise PoolSaturated(f"model pool {self.name} is saturated ({len(self._pending)} requests queued)")
             self._pending.extend(requests)
             self._max_queued = max(self._max_queued, len(self._pending))
-            self._cond.notify()
+            # Wake the worker only when it waits for a first request or a batch just filled: waking it for every
+            # request of a forming batch cost a thread switch (and the GIL) per request.
+            if self._idle or len(self._pending) >= self.max_batch:
+                self._cond.notify()
 
     # --- introspection -------------------------------------------------------------------------------------------
 
@@ -264,8 +268,10 @@ class BatchingWorker(Generic[T, R]):
     def _gather(self) -> list[_Request] | None:
         """The next batch (live requests only; may be empty when all were cancelled), or None once stopped."""
         with self._cond:
+            self._idle = True
             while self._running and not self._pending:
                 self._cond.wait()
+            self._idle = False
             if not self._running:
                 return None
             deadline = time.monotonic() + self.max_wait_ms / 1000.0
