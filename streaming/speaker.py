@@ -22,6 +22,7 @@ and lose the batching. `torch.set_num_threads` is left to the caller.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import re
@@ -33,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
 
 from config import Settings
 from streaming.model_source import looks_like_local_path, redactor, split_revision
@@ -105,27 +107,49 @@ class SpeakerEmbedder(ABC):
         self.embed_batch(clips)
 
 
+_INT16_MAX = 2**15 - 1  # resemblyzer.audio.int16_max
+_TARGET_DBFS = -30  # resemblyzer.hparams.audio_norm_target_dBFS: preprocess_wav's volume target (raised only)
+
+
+@functools.lru_cache(maxsize=1024)
+def _partial_starts(slices, n_samples: int, rate: float, min_coverage: float) -> tuple[int, ...]:
+    """`VoiceEncoder.compute_partial_slices` (passed as `slices`)'s partial start frames, cached per clip length:
+    live windows all have one of a few lengths."""
+    _, mel_slices = slices(n_samples, rate, min_coverage)
+    return tuple(s.start for s in mel_slices)
+
+
 class ResemblyzerEmbedder(SpeakerEmbedder):
     """Resemblyzer's `VoiceEncoder` (a 3-layer LSTM over 40-band mel frames, 256-d output), batched across clips.
 
-    Per clip this is exactly `VoiceEncoder.embed_utterance(normalize_volume(clip, -30, increase_only=True))`: the
-    volume normalisation of `preprocess_wav`, but not its webrtcvad silence trimming (our clips are already speech,
-    cut by our VAD). `embed_utterance` cuts a clip's mel spectrogram into 1.6 s partial windows (160 frames, 1.3 per
-    second, the last one kept if it is at least 75 % covered, zero-padded), runs them through the LSTM and averages
-    the partial embeddings. Here the partials of ALL clips of a call are stacked into forward passes of up to
-    `max_partials` rows, then averaged per clip. The LSTM treats rows independently, so batching is exact up to
-    float rounding (< 1e-6 measured).
+    Per clip this is `VoiceEncoder.embed_utterance(normalize_volume(clip, -30, increase_only=True))` (to float
+    rounding, 1e-6 measured): the volume normalisation of `preprocess_wav`, but not its webrtcvad silence trimming
+    (our clips are already speech, cut by our VAD). `embed_utterance` cuts a clip's mel spectrogram into 1.6 s partial
+    windows (160 frames, 1.3 per second, the last one kept if it is at least 75 % covered, zero-padded), runs them
+    through the LSTM and averages the partial embeddings. Here the partials of ALL clips of a call are stacked into
+    forward passes of up to `max_partials` rows, then averaged per clip. The LSTM treats rows independently, so
+    batching is exact up to float rounding (< 1e-6 measured).
 
-    Speed on 2 CPU cores, 2 s clips (2 partials each): about 25-35 ms a clip one at a time, about 6 ms a clip in
-    batches of 32.
+    The front end is vectorised over the whole call instead of resemblyzer's per-clip `wav_to_mel_spectrogram`
+    (librosa's `melspectrogram`, which rebuilds the mel filterbank on every call): the clips, volume-normalised,
+    are laid out in one zero-padded buffer whose segments start on the 10 ms frame grid, so one strided framing, one
+    batched FFT and one matrix product with a filterbank built at init give every clip's frames; then one gather
+    cuts the partials. It is librosa's computation step for step (periodic Hann window, `center=True` with zero
+    padding, power 2, Slaney mel filters, float64 FFT rounded to complex64), equal to `wav_to_mel_spectrogram` to
+    float rounding (bitwise on the test's speech). Frames that lie wholly in a partial's zero padding (a 1.2 s window
+    fills only 122 of its partial's 160 frames) are exactly zero there too and are not computed.
+
+    Cost (one core, batches of 32 live 1.2 s windows, 4.6 ms a window): the LSTM is ~93 % of it (~4.3 ms a partial
+    with oneDNN, about the core's fp32 peak; a row costs about the same at batch 8 or 128), the front end 0.26 ms a
+    clip (librosa's took ~0.8 ms, mostly Python holding the GIL; py-spy: 22 % of embed_batch's samples held the GIL
+    before, 1.4 % now). The LSTM runs all 160 steps of a partial even for a 1.2 s clip: that is what
+    resemblyzer was trained and enrolled with (bench/speaker_calibration.py --no-pad measures the alternative).
 
     `min_samples` = 0.75 s. Shorter clips are zero-padded to one 1.6 s partial, and the LSTM's final state then
     follows more padding than speech. Measured on sample.wav's two speakers (clips cut from single-speaker turns,
     each matched against the speakers' centroids from their other turns): right speaker for 68 % of 0.3 s clips,
     86 % at 0.5 s, 92 % at 0.75 s, 94 % at 1.0 s, 100 % from 1.6 s. 0.75 s is also below the live tagger's shortest
     window (0.8 s).
-
-    The mel spectrogram is librosa's (numba-compiled on first use, seconds in a fresh environment): `warm_up` pays it.
     """
 
     name = "resemblyzer"
@@ -133,6 +157,7 @@ class ResemblyzerEmbedder(SpeakerEmbedder):
     min_samples = int(0.75 * SAMPLE_RATE)
     rate = 1.3  # partial windows per second (embed_utterance's default)
     min_coverage = 0.75  # keep the last partial if this much of it is audio (embed_utterance's default)
+    mel_block_frames = 4096  # frames per FFT block: bounds the float64 temporaries (~13 MB) for long clips
 
     def __init__(self, device: str = "cpu", max_partials: int = 256) -> None:
         import torch
@@ -140,40 +165,87 @@ class ResemblyzerEmbedder(SpeakerEmbedder):
         with warnings.catch_warnings():  # webrtcvad (imported by resemblyzer.audio) warns about pkg_resources
             warnings.simplefilter("ignore", UserWarning)
             warnings.simplefilter("ignore", DeprecationWarning)
-            from resemblyzer import VoiceEncoder, audio
+            import librosa
+            from resemblyzer import VoiceEncoder, hparams
 
-        self._audio = audio
         self._torch = torch
         self.device = torch.device(device)
         self.max_partials = max_partials
         self._encoder = VoiceEncoder(self.device, verbose=False).eval().requires_grad_(False)
+        # resemblyzer.audio.wav_to_mel_spectrogram's parameters, and librosa's defaults for the rest
+        sr = hparams.sampling_rate
+        assert sr == SAMPLE_RATE
+        self._n_fft = int(sr * hparams.mel_window_length / 1000)  # 400 samples (25 ms)
+        self._hop = int(sr * hparams.mel_window_step / 1000)  # 160 samples (10 ms)
+        self._partial_frames = hparams.partials_n_frames  # 160
+        self._window = librosa.filters.get_window("hann", self._n_fft, fftbins=True)  # float64, as librosa's stft
+        self._mel_basis = np.ascontiguousarray(  # (n_fft // 2 + 1, 40) float32
+            librosa.filters.mel(sr=sr, n_fft=self._n_fft, n_mels=hparams.mel_n_channels, dtype=np.float32).T
+        )
+        self._slices = VoiceEncoder.compute_partial_slices
         log.info("resemblyzer speaker embedder on %s", self.device)
 
-    def _partials(self, wav: np.ndarray) -> np.ndarray:
-        """(n_partials, 160, 40) mel windows of one clip, as embed_utterance cuts them."""
-        wav = self._normalize(wav)
-        wav_slices, mel_slices = self._encoder.compute_partial_slices(len(wav), self.rate, self.min_coverage)
-        if wav_slices[-1].stop >= len(wav):
-            wav = np.pad(wav, (0, wav_slices[-1].stop - len(wav)), "constant")
-        mel = self._audio.wav_to_mel_spectrogram(wav)
-        return np.stack([mel[s] for s in mel_slices])
+    def partial_starts(self, n_samples: int) -> tuple[int, ...]:
+        """First mel frame of each 160-frame partial of an n_samples clip, as `embed_utterance` cuts it."""
+        return _partial_starts(self._slices, n_samples, self.rate, self.min_coverage)
 
-    def _normalize(self, wav: np.ndarray) -> np.ndarray:
-        if not wav.any():  # digital silence: normalize_volume would divide by zero (and give NaN)
-            return wav
-        return self._audio.normalize_volume(wav, -30, increase_only=True).astype(np.float32, copy=False)
+    @staticmethod
+    def volume_gain(wav: np.ndarray) -> np.float32:
+        """The factor `normalize_volume(wav, -30, increase_only=True)` multiplies float32 `wav` by, computed as it
+        does (float32); 1 for digital silence, which it would turn into NaN."""
+        rms = np.sqrt(np.mean((wav * _INT16_MAX) ** 2))
+        if not rms > 0:
+            return np.float32(1.0)
+        change = _TARGET_DBFS - 20 * np.log10(rms / _INT16_MAX)
+        return np.float32(10 ** (change / 20)) if change > 0 else np.float32(1.0)
+
+    def mel_frames(self, clips: Sequence[np.ndarray], n_frames: Sequence[int],
+                   gains: Sequence[np.float32] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Mel frames 0..n_frames[i]-1 of each float32 clip, times gains[i] (if given) first, in one
+        (total + 1, 40) float32 array whose last row is zeros, and the row of each clip's frame 0: frame t of clip i
+        is row first[i] + t. A clip is zero-extended on both sides, so these are the frames of librosa's centred STFT
+        of the clip followed by any zero padding (`wav_to_mel_spectrogram(np.pad(clip, (0, k)))[:n_frames]`)."""
+        hop, n_fft = self._hop, self._n_fft
+        half = n_fft // 2
+        tail = -(-(n_fft - hop) // hop)  # frames a segment needs beyond its own so its last frame fits
+        seg = np.array([n + tail for n in n_frames], np.int64)
+        first = np.concatenate([[0], np.cumsum(seg)[:-1]])
+        buf = np.zeros(int(seg.sum()) * hop, np.float32)
+        for i, (clip, n, f) in enumerate(zip(clips, n_frames, first, strict=True)):
+            m = min(len(clip), hop * (n - 1) + half)  # the samples frames 0..n-1 reach
+            start = int(f) * hop + half
+            if gains is None:
+                buf[start : start + m] = clip[:m]
+            else:
+                np.multiply(clip[:m], gains[i], out=buf[start : start + m])  # as normalize_volume: float32
+        frames = sliding_window_view(buf, n_fft)[::hop]  # (G, n_fft) view: frame j starts at sample j * hop
+        mel = np.empty((len(frames) + 1, self._mel_basis.shape[1]), np.float32)
+        for a in range(0, len(frames), self.mel_block_frames):
+            block = frames[a : a + self.mel_block_frames]
+            spec = np.fft.rfft(block * self._window, axis=-1).astype(np.complex64)  # as librosa's stft
+            np.matmul(np.abs(spec) ** 2, self._mel_basis, out=mel[a : a + len(block)])
+        mel[-1] = 0.0
+        return mel, first
 
     def _embed(self, clips: list[np.ndarray]) -> np.ndarray:
         torch = self._torch
-        per_clip = [self._partials(c) for c in clips]
-        mels = np.concatenate(per_clip)
-        out = np.empty((len(mels), self.dim), np.float32)
+        hop, half, width = self._hop, self._n_fft // 2, self._partial_frames
+        starts = [self.partial_starts(len(c)) for c in clips]
+        gains = [self.volume_gain(c) for c in clips]
+        # Frames each clip needs: up to the end of its last partial, but those wholly past its audio are zeros.
+        n_frames = [min(s[-1] + width, (len(c) + half + hop - 1) // hop) for c, s in zip(clips, starts, strict=True)]
+        mel, first = self.mel_frames(clips, n_frames, gains)
+        counts = np.array([len(s) for s in starts])
+        owner = np.repeat(np.arange(len(clips)), counts)
+        t = np.concatenate(starts)[:, None] + np.arange(width)  # (partials, 160) frame of each partial step
+        rows = np.where(t < np.array(n_frames)[owner, None], first[owner, None] + t, len(mel) - 1)
+        out = np.empty((len(rows), self.dim), np.float32)
         with torch.inference_mode():
-            for s in range(0, len(mels), self.max_partials):
-                batch = torch.from_numpy(mels[s : s + self.max_partials]).to(self.device)
+            for s in range(0, len(rows), self.max_partials):
+                batch = torch.from_numpy(mel[rows[s : s + self.max_partials]]).to(self.device)  # (b, 160, 40)
                 out[s : s + len(batch)] = self._encoder(batch).float().cpu().numpy()
-        bounds = np.cumsum([0] + [len(p) for p in per_clip])
-        return np.stack([out[a:b].mean(axis=0) for a, b in zip(bounds[:-1], bounds[1:], strict=True)])
+        sums = np.add.reduceat(out, np.concatenate([[0], np.cumsum(counts)[:-1]]), axis=0)
+        return sums / counts[:, None].astype(np.float32)
 
 
 class SpeechBrainEmbedder(SpeakerEmbedder):

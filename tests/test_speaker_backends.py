@@ -121,6 +121,62 @@ def test_resemblyzer_batch_equals_embed_utterance(resemblyzer, sample):
     assert np.abs(small.embed_batch(clips) - batched).max() < 1e-4
 
 
+def _resemblyzer_reference():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from resemblyzer import VoiceEncoder, audio
+    return VoiceEncoder("cpu", verbose=False), audio
+
+
+def test_resemblyzer_mel_equals_wav_to_mel_spectrogram(resemblyzer, sample):
+    """The vectorised front end against resemblyzer's own `wav_to_mel_spectrogram` (librosa), on real speech."""
+    encoder, audio = _resemblyzer_reference()
+    ami = read(AMI / "trn07.wav")
+    # lengths: live windows (0.8 s, 1.2 s), one partial, a dropped last partial (1.9375 s), several partials, odd ones
+    lengths = [12800, 19200, 19201, 25600, 31000, 32000, 48000, 70001, 120000]
+    clips = [src[int((1 + 2.3 * i) * SAMPLE_RATE) :][:n] for i, n in enumerate(lengths) for src in (sample, ami)]
+    assert [len(c) for c in clips] == [n for n in lengths for _ in range(2)]
+    clips.append(0.01 * sample[: 2 * SAMPLE_RATE])  # quiet: volume normalisation raises it a lot
+    refs, n_frames = [], []
+    for clip in clips:
+        wav_slices, mel_slices = encoder.compute_partial_slices(len(clip), resemblyzer.rate, resemblyzer.min_coverage)
+        padded = np.pad(clip, (0, max(0, wav_slices[-1].stop - len(clip))))  # as embed_utterance pads
+        ref = audio.wav_to_mel_spectrogram(padded)
+        n = mel_slices[-1].stop
+        assert resemblyzer.partial_starts(len(clip)) == tuple(s.start for s in mel_slices)
+        refs.append(ref[:n])
+        n_frames.append(n)
+    # all clips in one call: each clip's frames equal resemblyzer's for that clip alone
+    mel, first = resemblyzer.mel_frames(clips, n_frames)
+    assert mel.dtype == np.float32 and not mel[-1].any()
+    for ref, f, n in zip(refs, first, n_frames, strict=True):
+        np.testing.assert_allclose(mel[f : f + n], ref, rtol=1e-5, atol=1e-6 * float(ref.max()))
+    # with volume normalisation: the gain is normalize_volume's, and the frames those of the normalised audio
+    gains = [resemblyzer.volume_gain(c) for c in clips]
+    mel, first = resemblyzer.mel_frames(clips, n_frames, gains)
+    for clip, gain, f, n in zip(clips, gains, first, n_frames, strict=True):
+        normalised = audio.normalize_volume(clip, -30, increase_only=True)
+        np.testing.assert_allclose(clip * gain, normalised, rtol=1e-6, atol=0)
+        ref = audio.wav_to_mel_spectrogram(np.pad(normalised, (0, 400 * 160)))[:n]
+        np.testing.assert_allclose(mel[f : f + n], ref, rtol=1e-5, atol=1e-6 * float(ref.max()))
+    assert gains[-1] > 10 and resemblyzer.volume_gain(np.zeros(100, np.float32)) == 1.0
+
+
+def test_resemblyzer_live_windows_equal_embed_utterance(resemblyzer, sample):
+    """A batch as the live tagger sends it (1.2 s windows every 0.4 s, a 0.8 s one, longer clips) equals the
+    per-clip path resemblyzer documents (`embed_utterance` of the volume-normalised clip) to float rounding."""
+    encoder, audio = _resemblyzer_reference()
+    ami = read(AMI / "trn08.wav")
+    windows = [sample[int(k * 0.4 * SAMPLE_RATE) :][: int(1.2 * SAMPLE_RATE)] for k in range(20, 52)]
+    windows += [ami[int(k * 0.4 * SAMPLE_RATE) :][: int(1.2 * SAMPLE_RATE)] for k in range(30, 46)]
+    clips = windows + [sample[: int(0.8 * SAMPLE_RATE)], ami[: 31000], sample[5 * SAMPLE_RATE : 12 * SAMPLE_RATE]]
+    assert all(len(c) == int(1.2 * SAMPLE_RATE) for c in windows)
+    expected = np.stack([encoder.embed_utterance(audio.normalize_volume(c, -30, increase_only=True)) for c in clips])
+    got = resemblyzer.embed_batch(clips)
+    assert got.shape == (len(clips), 256) and got.dtype == np.float32
+    assert np.abs(got - expected).max() < 1e-5
+
+
 def test_resemblyzer_inputs(resemblyzer, sample):
     assert resemblyzer.embed_batch([]).shape == (0, resemblyzer.dim)
     clip = sample[10 * SAMPLE_RATE : 12 * SAMPLE_RATE]
