@@ -1,9 +1,10 @@
 """Speaker embeddings per second on this machine: one-at-a-time model calls vs the shared model pool's batching.
 
     .venv/bin/python bench/embeddings.py [--backend resemblyzer|speechbrain] [--clips 128] [--seconds 2.0]
-                                         [--device cpu] [--repeats 2] [--threads N]
+                                         [--device cpu] [--repeats 2] [--threads N] [--batches 1,8,32]
+                                         [--precision auto|float32|bfloat16]
 
-For each batch size B in 1, 8, 32:
+For each batch size B in `--batches` (default 1, 8, 32):
   (a) one at a time: `embedder.embed_batch([clip])` in a loop over all clips, in one worker thread (what a server
       without a pool does: one `asyncio.to_thread` call per window per stream);
   (b) through the pool: `ModelPool` with `pool_max_batch=B` and B concurrent requesters (asyncio tasks standing in
@@ -16,6 +17,8 @@ the machine. Takes under a minute on 2 cores with the defaults.
 Both (a) and (b) set torch's thread count in the thread that runs the model (the pool does so in its worker):
 torch.set_num_threads in the main thread alone leaves other threads running small batches several times slower.
 `--threads N` sets that count (default: torch's, one per core); on a 2-core machine 1 beat 2 at every batch size.
+`--precision` is SPEAKER_PRECISION (resemblyzer's LSTM dtype; default: the server's, auto); the precision it
+resolved to is printed. Per-window cost in milliseconds is 1000 / the emb/s figure, printed alongside.
 """
 
 from __future__ import annotations
@@ -133,6 +136,11 @@ def main() -> None:
     ap.add_argument("--wait-ms", type=float, default=Settings.model_fields["pool_max_wait_ms"].default,
                     help="pool_max_wait_ms (default: the server's)")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    ap.add_argument("--batches", default=",".join(map(str, BATCH_SIZES)),
+                    help="pool batch sizes to run (comma-separated, default 1,8,32)")
+    ap.add_argument("--precision", choices=["auto", "float32", "bfloat16"],
+                    default=Settings.model_fields["speaker_precision"].default,
+                    help="SPEAKER_PRECISION (default: the server's)")
     args = ap.parse_args()
 
     import torch
@@ -141,18 +149,21 @@ def main() -> None:
     torch.set_num_threads(threads)
 
     clips = speech_clips(args.clips, args.seconds)
-    settings = Settings(_env_file=None, speaker_backend=args.backend, model_device=args.device)
+    batch_sizes = [int(b) for b in args.batches.split(",")]
+    settings = Settings(_env_file=None, speaker_backend=args.backend, model_device=args.device,
+                        speaker_precision=args.precision)
     t0 = time.perf_counter()
     embedder = load_embedder(settings)
     embedder.warm_up()
     embedder.embed_batch(clips[:8])
-    print(f"loaded and warmed up {embedder.name} ({embedder.dim}-d) in {time.perf_counter() - t0:.1f} s")
+    precision = getattr(embedder, "precision", "float32")
+    print(f"loaded and warmed up {embedder.name} ({embedder.dim}-d, {precision}) in {time.perf_counter() - t0:.1f} s")
     print(f"{len(clips)} clips of {args.seconds:g} s of real speech (sample.wav + AMI), best of {args.repeats}")
     print()
 
     rows = []
     worst_diff = 0.0
-    for batch in BATCH_SIZES:
+    for batch in batch_sizes:
         single_rate, pool_rate, mean_batch = 0.0, 0.0, 0.0
         for _ in range(args.repeats):
             rate, reference = one_at_a_time(embedder, clips, threads)
@@ -163,15 +174,17 @@ def main() -> None:
             worst_diff = max(worst_diff, float(np.abs(pooled - reference).max()))
         rows.append((batch, single_rate, pool_rate, mean_batch))
 
-    print("| batch size | one-at-a-time emb/s | pool emb/s | speed-up | mean pool batch |")
-    print("| ---: | ---: | ---: | ---: | ---: |")
+    print("| batch size | one-at-a-time emb/s | pool emb/s | pool ms/clip | speed-up | mean pool batch |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: |")
     for batch, single_rate, pool_rate, mean_batch in rows:
-        print(f"| {batch} | {single_rate:.1f} | {pool_rate:.1f} | {pool_rate / single_rate:.2f}x | {mean_batch:.1f} |")
+        print(f"| {batch} | {single_rate:.1f} | {pool_rate:.1f} | {1000 / pool_rate:.2f} | "
+              f"{pool_rate / single_rate:.2f}x | {mean_batch:.1f} |")
     print()
     print(f"pool vs one-at-a-time embeddings: max abs diff {worst_diff:.2e}")
     affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     print(f"machine: {os.cpu_count()} cores ({affinity} usable), {cpu_model()}, torch {torch.__version__} "
-          f"threads {torch.get_num_threads()}, device {args.device}, Python {platform.python_version()}")
+          f"threads {torch.get_num_threads()}, device {args.device}, precision {precision}, "
+          f"Python {platform.python_version()}")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ streaming/speaker.py.
 
     .venv/bin/python bench/speaker_calibration.py [--backend resemblyzer] [--window 1.2] [--hop 0.4]
                       [--assign 0.65,0.7,0.75,0.8] [--merge 0.8,0.85,0.9,none] [--no-matching] [--no-pad]
+                      [--precision auto|float32|bfloat16] [--reference-precision float32]
 
 `--window` / `--hop` (default: streaming/tagging.py's WINDOW_S / HOP_S) set the live grid of part 1, to see what
 another grid would give (the thresholds were calibrated on the default one; `--assign` / `--merge` set the threshold
@@ -20,6 +21,12 @@ the CPU time embedding them took, in batches of 32. `--no-matching` skips part 2
 `--no-pad` is an experiment (resemblyzer only, this script only): clips shorter than one 1.6 s partial run the LSTM
 over their own mel frames instead of a partial zero-padded to 160 frames (121 steps for a 1.2 s window instead of
 160), in both parts (enrolment pieces and test turns too), to see whether the padding costs or buys agreement.
+`--precision` is SPEAKER_PRECISION (resemblyzer's LSTM dtype; default: the server's, auto; the resolved one is
+printed). `--reference-precision P` loads a second embedder in P and compares the two: part 1 prints how far the live
+windows' embeddings are from P's (max abs difference per component, cosine) and the cosine between each reference
+speaker's centroid (per file) in the two; part 2 enrols the profiles in P and identifies with `--precision`
+(profiles stored by a server in P, matched by one in `--precision`) and prints each profile's centroid cosine
+between the two.
 """
 
 from __future__ import annotations
@@ -102,9 +109,6 @@ class UnpaddedResemblyzer:
     pads, as resemblyzer's `embed_utterance` (and its training, on 1.6 s crops) does."""
 
     def __init__(self, embedder) -> None:
-        import torch
-
-        self._torch = torch
         self.inner = embedder
         self.name = embedder.name + "-unpadded"
         self.partial_samples = embedder._partial_frames * embedder._hop
@@ -113,7 +117,7 @@ class UnpaddedResemblyzer:
         self.inner.warm_up()
 
     def embed_batch(self, clips) -> np.ndarray:
-        torch, inner = self._torch, self.inner
+        inner = self.inner
         clips = inner.check_clips(clips)
         out = np.zeros((len(clips), inner.dim), np.float32)
         short = [i for i, c in enumerate(clips) if len(c) < self.partial_samples]
@@ -127,10 +131,9 @@ class UnpaddedResemblyzer:
             by_len: dict[int, list[int]] = defaultdict(list)
             for j, n in enumerate(n_frames):
                 by_len[n].append(j)
-            with torch.inference_mode():
-                for n, js in by_len.items():
-                    x = np.stack([mel[first[j] : first[j] + n] for j in js])
-                    out[[short[j] for j in js]] = inner._encoder(torch.from_numpy(x)).numpy()
+            for n, js in by_len.items():
+                x = np.stack([mel[first[j] : first[j] + n] for j in js])
+                out[[short[j] for j in js]] = inner.forward_partials(x)  # in the embedder's precision
         return out / np.linalg.norm(out, axis=1, keepdims=True)
 
 
@@ -143,16 +146,27 @@ def main() -> None:
     ap.add_argument("--merge", default="0.8,0.85,0.9,none", help="merge thresholds to try (comma-separated, none: off)")
     ap.add_argument("--no-matching", action="store_true", help="skip part 2 (matching rules)")
     ap.add_argument("--no-pad", action="store_true", help="experiment: no zero padding of clips under 1.6 s")
+    precisions = ["auto", "float32", "bfloat16"]
+    ap.add_argument("--precision", choices=precisions, default=Settings.model_fields["speaker_precision"].default,
+                    help="SPEAKER_PRECISION (default: the server's)")
+    ap.add_argument("--reference-precision", choices=precisions, default=None,
+                    help="compare with embeddings in this precision; enrol the profiles of part 2 in it")
     args = ap.parse_args()
     window_s, hop_s = args.window, args.hop
     assigns = [float(x) for x in args.assign.split(",")]
     merges = [2.0 if x.strip() == "none" else float(x) for x in args.merge.split(",")]
-    embedder = load_embedder(Settings(_env_file=None, speaker_backend=args.backend))
-    if args.no_pad:
-        if args.backend != "resemblyzer":
-            raise SystemExit("--no-pad is a resemblyzer experiment")
-        embedder = UnpaddedResemblyzer(embedder)
-    embedder.warm_up()
+    if args.no_pad and args.backend != "resemblyzer":
+        raise SystemExit("--no-pad is a resemblyzer experiment")
+
+    def make_embedder(precision: str):
+        e = load_embedder(Settings(_env_file=None, speaker_backend=args.backend, speaker_precision=precision))
+        print(f"embedder {e.name}, precision {getattr(e, 'precision', 'float32')} (SPEAKER_PRECISION={precision})")
+        e = UnpaddedResemblyzer(e) if args.no_pad else e
+        e.warm_up()
+        return e
+
+    embedder = make_embedder(args.precision)
+    reference = make_embedder(args.reference_precision) if args.reference_precision else None
 
     # 1. clustering: a live simulation. The VAD picks the audio sent to STT; the tagger's fixed grid of windows
     # over that sent audio is embedded and clustered online in order; each window centre is mapped back to stream
@@ -162,6 +176,8 @@ def main() -> None:
                                                         for i in range(1, 10)]
     sims = []
     sent_seconds, embed_cpu, n_windows = 0.0, 0.0, 0
+    drift: list[tuple[float, np.ndarray]] = []  # per file: (max abs diff, cosines) against the reference precision
+    centroid_cos: list[tuple[str, str, float, float]] = []  # (file, speaker, seconds, cosine of the two centroids)
     for name, audio, ts in files:
         stream = StreamingVAD(vad, VadParams())
         timeline, sent = SentTimeline(), []
@@ -181,10 +197,34 @@ def main() -> None:
         embed_cpu += time.process_time() - started
         n_windows += len(clips)
         sims.append((name, ks, emb, timeline, ts))
+        if reference is not None:
+            emb_ref = np.concatenate([reference.embed_batch(clips[i : i + 32]) for i in range(0, len(clips), 32)])
+            drift.append((float(np.abs(emb - emb_ref).max()), np.sum(emb * emb_ref, axis=1)))
+            by_spk: dict[str, list[int]] = defaultdict(list)
+            for j, k in enumerate(ks):
+                spk = speaker_at(ts, timeline.to_stream(k * hop_s + window_s / 2))
+                if spk is not None:
+                    by_spk[spk].append(j)
+            for spk, js in sorted(by_spk.items()):
+                a, b = emb[js].mean(0), emb_ref[js].mean(0)
+                cos = float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+                centroid_cos.append((name, spk, len(js) * hop_s, cos))
         print(f"{name}: {len(sent_audio) / SAMPLE_RATE:.1f} s sent, {len(ks)} windows")
-    print(f"embedding ({embedder.name}): {n_windows} windows over {sent_seconds:.1f} s of sent speech = "
+    used = getattr(getattr(embedder, "inner", embedder), "precision", "float32")
+    print(f"embedding ({embedder.name}, {used}): {n_windows} windows over {sent_seconds:.1f} s of sent speech = "
           f"{n_windows / sent_seconds:.2f} windows per speech-second; {embed_cpu:.2f} CPU s in batches of 32 = "
           f"{1000 * embed_cpu / sent_seconds:.1f} CPU ms per speech-second")
+    if reference is not None:
+        cosines = np.concatenate([c for _, c in drift])
+        print(f"drift from {args.reference_precision} over the {len(cosines)} live windows: max abs diff per "
+              f"component {max(d for d, _ in drift):.4f}, cosine min {cosines.min():.5f} mean {cosines.mean():.5f} "
+              f"(per file, min cosine: " + ", ".join(f"{s[0]} {c.min():.4f}" for s, (_, c) in zip(sims, drift,
+                                                                                                    strict=True)) + ")")
+        cc = np.array([c for *_, c in centroid_cos])
+        print(f"per-speaker centroids of the live windows (windows centred in single-speaker time, "
+              f"{len(cc)} file/speaker pairs): cosine {args.precision} vs {args.reference_precision} min "
+              f"{cc.min():.5f} mean {cc.mean():.5f}; " + ", ".join(f"{f}/{spk} ({sec:.0f} s) {c:.5f}"
+                                                                  for f, spk, sec, c in centroid_cos))
     print(f"clustering ({window_s} s windows every {hop_s} s): agreement with the reference, best 1:1 mapping")
     print("assign | merge | " + " | ".join(s[0] for s in sims) + " | mean")
     means: dict[tuple[float, float], float] = {}
@@ -218,7 +258,12 @@ def main() -> None:
     enrol = [("trn07", None, None), ("trn06", None, None), ("sample", 0.0, 15.0)]
     tests_from = [("trn08", None, None), ("trn09", None, None), ("sample", 15.0, 30.0)]
     tests_from += [(f"trn0{i}", None, None) for i in range(1, 6)]  # other meetings: nobody there is enrolled
-    index, names = enrol_profiles(embedder, enrol)
+    index, names = enrol_profiles(reference or embedder, enrol)
+    if reference is not None:
+        own, _ = enrol_profiles(embedder, enrol, quiet=True)
+        cos = np.sum(index.centroids * own.centroids, axis=1)
+        print(f"profiles enrolled in {args.reference_precision}, identified with {args.precision}; profile centroid "
+              f"cosine between the precisions: " + ", ".join(f"{n} {c:.5f}" for n, c in zip(names, cos, strict=True)))
     tests = test_segments(embedder, tests_from, names)
     n_known = sum(t[2] is not None for t in tests)
     print(f"\nidentify: {n_known} single-speaker turns (>= {MIN_WINDOW_S} s) of enrolled speakers, "
@@ -254,7 +299,7 @@ def file_audio_turns(name: str):
     return load(AMI / f"{name}.wav"), turns(AMI / "train.rttm", name)
 
 
-def enrol_profiles(embedder, sources) -> tuple[ProfileIndex, list[str]]:
+def enrol_profiles(embedder, sources, quiet: bool = False) -> tuple[ProfileIndex, list[str]]:
     """A profile per speaker with at least 3 s of single-speaker speech in the enrolment parts (3 s pieces)."""
     by_spk: dict[str, list[np.ndarray]] = defaultdict(list)
     for name, lo, hi in sources:
@@ -273,7 +318,8 @@ def enrol_profiles(embedder, sources) -> tuple[ProfileIndex, list[str]]:
         emb = embedder.embed_batch(clips).mean(0)
         names.append(spk)
         centroids.append(emb / np.linalg.norm(emb))
-        print(f"enrolled {spk}: {len(speech) / SAMPLE_RATE:.1f} s in {len(clips)} pieces")
+        if not quiet:
+            print(f"enrolled {spk}: {len(speech) / SAMPLE_RATE:.1f} s in {len(clips)} pieces")
     return ProfileIndex(names, ["person"] * len(names), np.stack(centroids)), names
 
 

@@ -2,8 +2,10 @@
 
 Resemblyzer (weights in its wheel): exactness of the cross-clip batching against `VoiceEncoder.embed_utterance`, and
 real quality on real speech: same-speaker clips are closer than different-speaker clips on sample.wav and across the
-AMI recordings trn07/trn08 (same four people). SpeechBrain: the real loader on a small ECAPA-TDNN model this test
-builds and saves itself (random weights: shapes, norms, determinism and batch == single, not quality).
+AMI recordings trn07/trn08 (same four people). Its bfloat16 LSTM (`SPEAKER_PRECISION`): close to float32 on live
+windows of real speech, batching still exact, `auto` resolving as documented. SpeechBrain: the real loader on a
+small ECAPA-TDNN model this test builds and saves itself (random weights: shapes, norms, determinism and batch ==
+single, not quality).
 """
 
 from __future__ import annotations
@@ -16,8 +18,17 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+import streaming.speaker as speaker
 from config import Settings
-from streaming.speaker import SAMPLE_RATE, ResemblyzerEmbedder, SpeakerEmbedder, SpeechBrainEmbedder, load_embedder
+from streaming.speaker import (
+    SAMPLE_RATE,
+    ResemblyzerEmbedder,
+    SpeakerEmbedder,
+    SpeechBrainEmbedder,
+    cpu_native_bf16,
+    load_embedder,
+    resolve_speaker_precision,
+)
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 AMI = DATA / "ami-debug"
@@ -85,9 +96,11 @@ def similarity_report(emb_a, spk_a, emb_b=None, spk_b=None) -> tuple[float, floa
 
 @pytest.fixture(scope="module")
 def resemblyzer() -> SpeakerEmbedder:
-    # CPU: the exactness checks compare with resemblyzer's own CPU code (a GPU's cuDNN LSTM may round differently)
-    embedder = load_embedder(Settings(_env_file=None, speaker_backend="resemblyzer", model_device="cpu"))
-    assert isinstance(embedder, ResemblyzerEmbedder)
+    # CPU, float32: the exactness checks compare with resemblyzer's own CPU code (a GPU's cuDNN LSTM may round
+    # differently, and so does a bf16 LSTM)
+    embedder = load_embedder(Settings(_env_file=None, speaker_backend="resemblyzer", model_device="cpu",
+                                      speaker_precision="float32"))
+    assert isinstance(embedder, ResemblyzerEmbedder) and embedder.precision == "float32"
     embedder.warm_up()
     return embedder
 
@@ -247,6 +260,159 @@ def test_resemblyzer_batching_is_faster(resemblyzer, sample):
     msg = f"resemblyzer, 2 s clips: {single:.1f} ms/clip one at a time, {batched:.1f} ms/clip in batches of 32"
     print(msg)
     assert batched < 0.8 * single, msg
+
+
+# --- resemblyzer in bfloat16 --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def resemblyzer_bf16() -> ResemblyzerEmbedder:
+    embedder = load_embedder(Settings(_env_file=None, speaker_backend="resemblyzer", model_device="cpu",
+                                      speaker_precision="bfloat16"))
+    assert isinstance(embedder, ResemblyzerEmbedder) and embedder.precision == "bfloat16"
+    embedder.warm_up()
+    return embedder
+
+
+def live_windows(audio: np.ndarray, turns, window_s: float = 1.2, hop_s: float = 0.4):
+    """The tagger's grid (1.2 s windows every 0.4 s) over `audio`, keeping the windows that lie wholly inside one
+    single-speaker reference turn: (speaker, window) pairs of real speech, as the live tagger embeds it."""
+    out = []
+    for k in range(int((len(audio) / SAMPLE_RATE - window_s) / hop_s) + 1):
+        a = k * hop_s
+        who = [spk for s, e, spk in turns if s <= a and a + window_s <= e]
+        if who:
+            out.append((who[0], audio[int(a * SAMPLE_RATE) :][: int(window_s * SAMPLE_RATE)]))
+    return out
+
+
+def test_resemblyzer_bf16_close_to_float32_on_live_speech(resemblyzer, resemblyzer_bf16, sample):
+    """bf16 embeddings of live windows stay within cosine 0.99 of float32 (mean 0.998), and each speaker's centroid
+    within 0.999: the same voice space, so profiles enrolled in one precision are matched by the other.
+
+    The bounds: bench/speaker_calibration.py --precision bfloat16 --reference-precision float32 measured, over the
+    419 live windows of sample.wav + 9 AMI files, cosine >= 0.9955 (mean 0.9991, max 0.026 per component) and the
+    speakers' centroids >= 0.9993 wherever a speaker had 3 windows or more, with the same matching accuracy and
+    profile centroids 0.9997-0.9999 apart. 0.99 leaves room for another CPU's bf16 kernels while anything broken
+    (wrong dtype round trip, a layer skipped, NaN) lands far lower: two different speakers' windows score ~0.6-0.8.
+    """
+    windows = live_windows(sample, single_speaker_turns(DATA / "sample.rttm", "sample"))
+    for name in ("trn05", "trn06", "trn08", "trn09"):  # trn08: the lowest window cosine in the calibration
+        windows += live_windows(read(AMI / f"{name}.wav"), single_speaker_turns(AMI / "train.rttm", name))
+    spk = [s for s, _ in windows]
+    clips = [c for _, c in windows]
+    assert len(clips) >= 100
+    e32, e16 = resemblyzer.embed_batch(clips), resemblyzer_bf16.embed_batch(clips)
+    assert e16.dtype == np.float32 and e16.shape == e32.shape
+    np.testing.assert_allclose(np.linalg.norm(e16, axis=1), 1.0, atol=1e-5)
+    cos = np.sum(e32 * e16, axis=1)
+    diff = float(np.abs(e32 - e16).max())
+    msg = (f"{len(clips)} live windows: bf16 vs float32 cosine min {cos.min():.5f} mean {cos.mean():.5f}, "
+           f"max abs diff {diff:.4f}")
+    print(msg)
+    assert cos.min() >= 0.99 and cos.mean() >= 0.998 and diff < 0.05, msg
+    assert diff > 1e-4, "the bf16 embedder computes exactly float32's: is its LSTM really bf16?"
+    for who in sorted(set(spk)):
+        rows = [i for i, s in enumerate(spk) if s == who]
+        if len(rows) < 3:
+            continue
+        a, b = e32[rows].mean(0), e16[rows].mean(0)
+        c = float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+        assert c >= 0.999, f"{who} ({len(rows)} windows): centroid cosine bf16 vs float32 {c:.5f}"
+    assert resemblyzer_bf16.name == resemblyzer.name == "resemblyzer"  # one embedding space, one profile model
+
+
+def test_resemblyzer_bf16_batching_is_exact(resemblyzer_bf16, sample):
+    """In bf16 a clip's embedding does not depend on its batch mates either (to 1e-4; 3e-7 measured). Two things
+    make that so: a lone partial is run as a batch of two (oneDNN's bf16 LSTM rounds a batch of one differently,
+    3.5e-3), and the mel product is rounded from float64 (float32 GEMM rounding depends on the row count, and
+    bf16 rounding of the LSTM input turned 1e-9 there into 3e-3 on one window of 128)."""
+    emb = resemblyzer_bf16
+    ami = read(AMI / "trn08.wav")
+    clips = [sample[int(k * 0.4 * SAMPLE_RATE) :][: int(1.2 * SAMPLE_RATE)] for k in range(10, 40)]
+    clips += [ami[int(k * 0.4 * SAMPLE_RATE) :][: int(1.2 * SAMPLE_RATE)] for k in range(20, 40)]
+    lengths_s = [0.75, 0.8, 1.0, 1.6, 2.0, 2.37, 3.0, 4.4, 7.5]
+    clips += [src[int((3 + 2.5 * i) * SAMPLE_RATE) :][: int(s * SAMPLE_RATE)] for i, s in enumerate(lengths_s)
+              for src in (sample, ami)]
+    clips.append(0.01 * sample[: 2 * SAMPLE_RATE])  # quiet: volume normalisation raises it
+    batched = emb.embed_batch(clips)
+    assert batched.shape == (len(clips), 256) and np.isfinite(batched).all()
+    alone = np.concatenate([emb.embed_batch([c]) for c in clips])
+    assert np.abs(alone - batched).max() < 1e-4
+    assert np.abs(emb.embed_batch(clips[::-1])[::-1] - batched).max() < 1e-4  # other batch mates, other order
+    for size in (2, 5, 32):
+        chunks = np.concatenate([emb.embed_batch(clips[i : i + size]) for i in range(0, len(clips), size)])
+        assert np.abs(chunks - batched).max() < 1e-4, size
+    split = ResemblyzerEmbedder(max_partials=3, precision="bfloat16")  # forward passes of 3 rows, some of 1
+    assert np.abs(split.embed_batch(clips) - batched).max() < 1e-4
+    assert np.array_equal(emb.embed_batch(clips), batched)  # deterministic
+    # the front end under it: a clip's mel frames are bitwise the same alone and in a batch
+    n_frames = [min(s[-1] + 160, (len(c) + 200 + 159) // 160) for c in clips for s in [emb.partial_starts(len(c))]]
+    mel, first = emb.mel_frames(clips, n_frames)
+    for i in (0, 7, 31, len(clips) - 1):
+        own, f = emb.mel_frames([clips[i]], [n_frames[i]])
+        assert np.array_equal(own[: n_frames[i]], mel[first[i] : first[i] + n_frames[i]]), i
+    silent = emb.embed_batch([np.zeros(SAMPLE_RATE, np.float32)])
+    assert np.isfinite(silent).all() and abs(np.linalg.norm(silent) - 1.0) < 1e-5
+
+
+def proc_cpuinfo_bf16() -> bool | None:
+    """Whether /proc/cpuinfo's flags list avx512_bf16 or amx_bf16; None where there is no such file."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    flags = set(next((line.split(":", 1)[1] for line in text.splitlines() if line.startswith("flags")), "").split())
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def test_speaker_precision_auto_resolves_as_documented(monkeypatch, caplog):
+    import torch
+
+    assert Settings(_env_file=None).speaker_precision == "float32"  # the default (see streaming/speaker.py)
+    for device in ("cpu", "cuda"):  # explicit settings are taken as they are
+        assert resolve_speaker_precision("float32", device)[0] == "float32"
+        assert resolve_speaker_precision("bfloat16", device)[0] == "bfloat16"
+    assert resolve_speaker_precision("auto", "cuda")[0] == "float32"  # bf16 on CUDA is unmeasured
+    with pytest.raises(ValueError, match="SPEAKER_PRECISION"):
+        resolve_speaker_precision("float16", "cpu")
+
+    # on this machine: native bf16 as torch's CPUID check says, and as /proc/cpuinfo says (Linux)
+    native, evidence = cpu_native_bf16()
+    caps = torch.cpu.get_capabilities()
+    assert native == bool(caps.get("avx512_bf16") or caps.get("amx_bf16")), evidence
+    if proc_cpuinfo_bf16() is not None:
+        assert native == proc_cpuinfo_bf16(), evidence
+    assert resolve_speaker_precision("auto", "cpu")[0] == ("bfloat16" if native else "float32")
+
+    # other CPUs, through the capability check: AVX512 without bf16 (oneDNN would emulate it) -> float32
+    try:
+        for fake, want in [({"avx512_f": True, "avx512_bf16": False, "amx_bf16": False}, "float32"),
+                           ({"avx512_f": True, "avx512_bf16": True}, "bfloat16"),
+                           ({"amx_bf16": True, "amx_tile": True}, "bfloat16"),
+                           ({"architecture": "arm64", "bf16": True}, "float32")]:
+            cpu_native_bf16.cache_clear()
+            monkeypatch.setattr(torch.cpu, "get_capabilities", lambda fake=fake: fake)
+            assert resolve_speaker_precision("auto", "cpu")[0] == want, fake
+        # a torch without get_capabilities: /proc/cpuinfo decides (or float32 where there is none)
+        cpu_native_bf16.cache_clear()
+        monkeypatch.delattr(torch.cpu, "get_capabilities")
+        native_fallback, evidence = cpu_native_bf16()
+        assert native_fallback == bool(proc_cpuinfo_bf16()), evidence
+    finally:
+        monkeypatch.undo()
+        cpu_native_bf16.cache_clear()
+
+    # the loader: auto on the CPU gives what resolve says, logs it, keeps the name
+    with caplog.at_level("INFO", logger=speaker.__name__):
+        embedder = load_embedder(Settings(_env_file=None, speaker_backend="resemblyzer", model_device="cpu",
+                                          speaker_precision="auto"))
+    assert embedder.precision == ("bfloat16" if native else "float32") and embedder.name == "resemblyzer"
+    lstm_dtype = embedder._encoder.lstm.weight_ih_l0.dtype
+    assert lstm_dtype == (torch.bfloat16 if native else torch.float32)
+    assert embedder._encoder.linear.weight.dtype == torch.float32
+    assert any(f"LSTM in {embedder.precision}" in r.getMessage() and "SPEAKER_PRECISION=auto" in r.getMessage()
+               for r in caplog.records)
 
 
 # --- speechbrain: the real loader on a small model built here ----------------------------------------------------
