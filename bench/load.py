@@ -15,13 +15,18 @@ one distinct user per stream). By default every step gets a fresh server (clean 
 base is read.
 
 A step (N streams, one codec). N WebSockets `/v4/listen?codec=pcm16|opus&sample_rate=16000` from `--client-procs`
-client processes (default one per 50 streams; each one asyncio loop). Every stream connects, waits for the `ready`
+client processes (default one per 100 streams; each one asyncio loop). Every stream connects, waits for the `ready`
 status and sends digital silence while the others connect; then, at a common start plus a stagger (stream i at
 i/N s), `--duration` seconds of real speech: sample.wav and the AMI excerpts of ../shared/data looped, each stream from
 a different offset (golden-ratio spacing), in 20 ms frames (pcm16: 640 bytes; opus: one raw Opus packet per frame,
-16 kHz mono 32 kb/s, PyAV's libopus as in tests/audio_tools.py, as Omi sends them). Frame k goes at anchor + k x 20 ms
-(an absolute schedule: one late frame does not delay the rest). The first `--warmup` seconds (5) after the last
-stream started are not measured; the steady window runs from there to the end of the first stream's audio.
+16 kHz mono 32 kb/s, PyAV's libopus as in tests/audio_tools.py, as Omi sends them), one binary WebSocket message
+each. Frame k goes at anchor + k x 20 ms (an absolute schedule: one late frame does not delay the rest). websockets
+does each stream's handshake, reads what the server sends and does the close handshake; the frames are encoded
+once per client process as complete masked WebSocket frames and written straight to the connections' transports by
+one task per process, which wakes every 5 ms and writes every frame that is due (the anchors are on those ticks,
+spread over 4 ticks per 20 ms, so a process's streams send in 4 bursts of N/4 frames per 20 ms; see
+`loadlib._Sender`). The first `--warmup` seconds (5) after the last stream started are not measured; the steady
+window runs from there to the end of the first stream's audio.
 
 Latency ("ours"). The test server's results cover exactly the audio it was sent, and the server maps those times back
 to stream time, so a segment's `end` is a stream time whose audio the server had forwarded. For each message with a
@@ -44,9 +49,11 @@ third; it grows by more than max(250 ms, half the first third's p95) -> not real
 that could not connect or was closed by the server, `error` events, or counter increments of
 ws_frames_refused_total, ws_slow_clients_closed_total, stt_gave_up_total, stt_buffer_overflow_seconds_total, or more
 than 10% of the streams with no new segment in the window. The client measures itself so that a slow client is not
-taken for a slow server: send lag (frame handed to the socket - its scheduled time; this also grows when the server
-stops reading, through TCP back-pressure) and the lag of a 10 ms ticker on each client loop (only the client's own
-CPU). Loop lag p95 over 50 ms marks the step "client-limited" (*): its figures are not the server's.
+taken for a slow server: send lag (frame written to the connection's transport - its scheduled time: the client
+loop's wake-up delay, and it grows when the server stops reading: a connection whose transport buffer is over
+websockets' high-water mark, 32 KiB, gets no frame until it has drained, as `ws.send` would wait, so TCP
+back-pressure shows) and the lag of a 10 ms ticker on each client loop (only the client's own CPU). Loop lag p95
+over 50 ms marks the step "client-limited" (*): its figures are not the server's.
 
 The issue's criterion: the largest N that is real time with p95 < 1 s. The target: 100 streams real time with p95
 of our added latency < 300 ms, and < 5 MB per idle stream.
@@ -57,7 +64,9 @@ Batch (`--batch-seconds`, 3600; 0 skips): one WAV of that length (the test audio
 Speed = audio seconds / wall seconds of the request (upload and decoding included).
 
 The client processes and the test server share the machine with the server under test: their CPU is reported
-(`bench CPU`), and on a small machine it is part of what limits N.
+per stream-second of audio sent (`bench (clients + test STT)`: the client processes and this process; of it the
+client processes alone, the test STT's thread, and this whole process), and on a small machine it is part of what
+limits N.
 """
 
 from __future__ import annotations
@@ -66,6 +75,7 @@ import argparse
 import json
 import math
 import multiprocessing as mp
+import os
 import pickle
 import sys
 import tempfile
@@ -116,22 +126,28 @@ class Sample:
     server_rss: float
     machine_busy: float
     machine_total: float
-    bench_cpu: float
+    bench_cpu: float  # the client processes + this (orchestrator) process
+    client_cpu: float  # the client processes alone
+    stt_cpu: float  # the Deepgram test server's thread (part of this process)
 
 
 class Sampler(threading.Thread):
-    """Reads /proc every `every_s`: the server's CPU and RSS, the whole machine's CPU, this benchmark's CPU."""
+    """Reads /proc every `every_s`: the server's CPU and RSS, the whole machine's CPU, this benchmark's CPU (client
+    processes, this process, and of it the test STT's thread)."""
 
-    def __init__(self, server_pids: list[int], bench_pids: list[int], every_s: float = 0.25) -> None:
+    def __init__(self, server_pids: list[int], client_pids: list[int], stt_tid: int | None,
+                 every_s: float = 0.25) -> None:
         super().__init__(name="sampler", daemon=True)
-        self.server_pids, self.bench_pids, self.every_s = server_pids, bench_pids, every_s
+        self.server_pids, self.client_pids, self.stt_tid, self.every_s = server_pids, client_pids, stt_tid, every_s
         self.samples: list[Sample] = []
         self._stop_event = threading.Event()
 
     def take(self) -> Sample:
         busy, total = loadlib.machine_cpu()
+        clients, own = loadlib.cpu_seconds(self.client_pids), loadlib.cpu_seconds([os.getpid()])
+        stt = loadlib.thread_cpu_seconds(os.getpid(), self.stt_tid) if self.stt_tid else float("nan")
         return Sample(time.monotonic(), loadlib.cpu_seconds(self.server_pids), loadlib.rss_mb(self.server_pids),
-                      busy, total, loadlib.cpu_seconds(self.bench_pids))
+                      busy, total, clients + own, clients, stt)
 
     def run(self) -> None:
         while not self._stop_event.is_set():
@@ -205,6 +221,11 @@ class Bench:
         time.sleep(seconds)
         return loadlib.rss_mb(pids), (loadlib.cpu_seconds(pids) - cpu0) / (time.monotonic() - t0)
 
+    def dg_tid(self) -> int | None:
+        """The Linux thread id of the Deepgram test server's thread (its CPU is read from /proc/self/task)."""
+        thread = self.dg._thread
+        return thread.native_id if thread is not None else None
+
     def clear_dg(self) -> None:
         self.dg.server.connections.clear()
         self.dg.server.attempts.clear()
@@ -213,7 +234,7 @@ class Bench:
                     quiet: bool = False) -> dict[str, Any]:
         a = self.args
         self.clear_dg()
-        procs = a.client_procs or max(1, math.ceil(n / 50))
+        procs = a.client_procs or max(1, math.ceil(n / 100))
         procs = min(procs, n)
         specs = [StreamSpec(i, f"load-{tag}-{i}", 0, i / n * a.stagger) for i in range(n)]
         speech, silence = self.frames_path(codec, False), self.frames_path(codec, True)
@@ -235,7 +256,7 @@ class Bench:
             conns.append(parent)
             workers.append(p)
         server_pids = server.pids()
-        sampler = Sampler(server_pids, [p.pid for p in workers if p.pid is not None] + [mp.current_process().pid or 0])
+        sampler = Sampler(server_pids, [p.pid for p in workers if p.pid is not None], self.dg_tid())
         try:
             t_connect = time.monotonic()
             connected = sum(_expect(conns, "connected", 120 + n))
@@ -322,12 +343,15 @@ def analyse(args: argparse.Namespace, n: int, codec: str, silent: bool, t0: floa
 
     win = Sampler.window(samples, w0, w1)
     cpu_per_stream_s = machine_util = bench_cpu_per_stream_s = float("nan")
+    client_cpu_per_stream_s = stt_cpu_per_stream_s = float("nan")
     if win is not None:
         a, b = win
         stream_s = sum(int(((o.send_times >= a.t) & (o.send_times <= b.t)).sum()) for o in outcomes) * FRAME_S
         if stream_s > 0:
             cpu_per_stream_s = (b.server_cpu - a.server_cpu) / stream_s
             bench_cpu_per_stream_s = (b.bench_cpu - a.bench_cpu) / stream_s
+            client_cpu_per_stream_s = (b.client_cpu - a.client_cpu) / stream_s
+            stt_cpu_per_stream_s = (b.stt_cpu - a.stt_cpu) / stream_s
         if b.machine_total > a.machine_total:
             machine_util = (b.machine_busy - a.machine_busy) / (b.machine_total - a.machine_total)
     rss_stream = [s.server_rss for s in samples if t0 <= s.t <= w1 + args.drain_max]
@@ -345,6 +369,7 @@ def analyse(args: argparse.Namespace, n: int, codec: str, silent: bool, t0: floa
         "connected": connected, "connect_s": round(connect_s, 2),
         "cpu_s_per_stream_s": cpu_per_stream_s, "server_cores_used": cpu_per_stream_s * n,
         "machine_cpu_util": machine_util, "bench_cpu_s_per_stream_s": bench_cpu_per_stream_s,
+        "client_cpu_s_per_stream_s": client_cpu_per_stream_s, "stt_cpu_s_per_stream_s": stt_cpu_per_stream_s,
         "rss_open_mb": rss_open, "rss_peak_mb": rss_peak, "rss_end_mb": rss_end,
         "latency_samples": int(lat_a.size), "p50_s": pct(lat_a, 50), "p95_s": pct(lat_a, 95), "p99_s": pct(lat_a, 99),
         "min_s": float(lat_a.min()) if lat_a.size else float("nan"),
@@ -480,7 +505,10 @@ def table(results: dict[str, Any]) -> str:
                      f"{r['base_rss_mb']:.0f} MB, {r['rss_open_mb']:.0f} MB with the streams open and silent; "
                      f"server uses {r['server_cores_used']:.2f} cores ({r['rest_cores']:.3f} at rest); "
                      "bench (clients + test STT) "
-                     f"{r['bench_cpu_s_per_stream_s']:.4f} CPU s/stream-s; client loop lag p95 "
+                     f"{r['bench_cpu_s_per_stream_s']:.4f} CPU s/stream-s (client processes "
+                     f"{r['client_cpu_s_per_stream_s']:.4f}, test STT thread {r['stt_cpu_s_per_stream_s']:.4f}, "
+                     f"orchestrator in all {r['bench_cpu_s_per_stream_s'] - r['client_cpu_s_per_stream_s']:.4f}); "
+                     "client loop lag p95 "
                      f"{ms(r['loop_lag_p95_s'])} ms; {r['stt_audio_s']:.0f} s of audio reached STT; connect "
                      f"{r['connect_s']:.1f} s" + (f"; counters {r['counter_deltas']}" if r["counter_deltas"] else ""))
     lines += ["", "per step:", *notes]
@@ -579,7 +607,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--codec", choices=("pcm16", "opus", "both"), default="both")
     p.add_argument("--warmup", type=float, default=5.0, help="seconds not measured after the last stream started (5)")
     p.add_argument("--stagger", type=float, default=1.0, help="stream starts spread over this many seconds (1)")
-    p.add_argument("--client-procs", type=int, default=0, help="client processes (0: one per 50 streams)")
+    p.add_argument("--client-procs", type=int, default=0, help="client processes (0: one per 100 streams)")
     p.add_argument("--reply-delay", type=float, default=0.1, help="test STT reply delay, subtracted (0.1 s)")
     p.add_argument("--word-s", type=float, default=0.5, help="test STT word length (0.5 s)")
     # Deepgram's final results (interim_results=false) come about once a second of speech, or at a Finalize.

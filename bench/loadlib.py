@@ -1,5 +1,6 @@
 """Building blocks of `bench/load.py`: test audio as frames, the server process and what it costs (/proc), and the
-stream clients (one asyncio loop per client process). See `bench/load.py` for the method.
+stream clients (one asyncio loop per client process, one task in it writing all its streams' frames: `_Sender`).
+See `bench/load.py` for the method.
 
 Clocks: every timestamp here is `time.monotonic()`, which on Linux is one system-wide clock (CLOCK_MONOTONIC), so
 times taken in the client processes, the Deepgram test server thread and the orchestrator compare directly.
@@ -9,13 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import json
+import math
 import os
 import pickle
 import socket
 import subprocess
 import sys
 import time
+from array import array
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -29,6 +33,9 @@ DATA = REPO.parent / "shared" / "data"
 RATE = 16000
 FRAME_S = 0.02  # Omi sends 20 ms frames
 FRAME_SAMPLES = int(RATE * FRAME_S)
+TICK_S = 0.005  # the client's sender wakes on multiples of this (monotonic clock)
+SLOTS = round(FRAME_S / TICK_S)
+LAG_TICK_S = 0.010  # the loop-lag ticker's period (a multiple of TICK_S)
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
 
@@ -124,6 +131,16 @@ def cpu_seconds(pids: list[int]) -> float:
             f = _stat_fields(pid)
             total += int(f[11]) + int(f[12]) + int(f[13]) + int(f[14])
     return total / CLK_TCK
+
+
+def thread_cpu_seconds(pid: int, tid: int) -> float:
+    """utime + stime of one thread of a process (/proc/<pid>/task/<tid>/stat)."""
+    try:
+        text = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+    except OSError:
+        return float("nan")
+    f = text[text.rindex(")") + 2 :].split()
+    return (int(f[11]) + int(f[12])) / CLK_TCK
 
 
 def rss_mb(pids: list[int]) -> float:
@@ -279,25 +296,44 @@ class WorkerReport:
     cpu_s: float
 
 
+def ws_binary_frames(payloads: list[bytes]) -> list[bytes]:
+    """Each payload as one complete client-to-server WebSocket message on the wire (RFC 6455 5.2: FIN + opcode 0x2,
+    the MASK bit, the payload length (7 bits, or 126 + 16 bits for 126..65535), a 4-byte masking key, the masked
+    payload), serialised by websockets' own `Frame.serialize`, so it is byte for byte what `ws.send(payload)` would
+    write. The masking key is the client's choice: websockets draws a random one per frame here, once per client
+    process, and a frame that is sent again when the material loops carries the same key. RFC 6455 wants keys that
+    intermediaries cannot predict (against cache poisoning through proxies); for a test client on loopback a
+    re-used key is valid protocol: the server unmasks each frame with the key in it."""
+    from websockets.frames import Frame, Opcode
+
+    return [Frame(Opcode.BINARY, p).serialize(mask=True) for p in payloads]
+
+
 class _Stream:
-    def __init__(self, spec: StreamSpec, job: WorkerJob, frames: list[bytes], silence: list[bytes]) -> None:
+    """One `/v4/listen` connection: websockets does the handshake, parses what the server sends (`_read`) and the
+    close handshake; the audio frames are written by the process's `_Sender`."""
+
+    def __init__(self, spec: StreamSpec, job: WorkerJob) -> None:
         self.spec = spec
         self.job = job
-        self.frames = frames
-        self.silence = silence
         self.out = StreamOutcome(spec.index)
         self.ready = asyncio.Event()
+        self.finished = asyncio.Event()  # set by the sender: no more frames for this stream
         self.last_message = time.monotonic()
         self.best_end = -1.0
         self.recv_t: list[float] = []
         self.recv_end: list[float] = []
-        self.sent: list[float] = []
-        self.due: list[float] = []
+        self.sent = array("d")  # monotonic time frame k was written to the transport
         self.done_sending = False
+        # the sender's state for this stream
+        self.ws: Any = None
+        self.transport: Any = None
+        self.anchor = 0.0  # frame k is due at anchor + k * 20 ms
+        self.k = 0  # the next frame
+        self.start = self.end = float("inf")  # material from `start` on (set at "go"); nothing from `end` on
 
-    async def run(self, sem: asyncio.Semaphore, go: asyncio.Future[float], connected: asyncio.Queue[int]) -> None:
+    async def run(self, sem: asyncio.Semaphore, sender: _Sender, connected: asyncio.Queue[int]) -> None:
         from websockets.asyncio.client import connect
-        from websockets.exceptions import ConnectionClosed
 
         headers = {"Authorization": f"Bearer {self.spec.uid}"}
         try:
@@ -322,10 +358,8 @@ class _Stream:
             return
         self.out.connected = True
         await connected.put(1)
-        try:
-            await self._send(ws, go)
-        except ConnectionClosed:
-            self.out.closed_by_server = True
+        sender.add(self, ws)
+        await self.finished.wait()
         self.done_sending = True
         deadline = time.monotonic() + self.job.drain_max_s
         while not reader.done() and time.monotonic() < deadline:
@@ -337,36 +371,6 @@ class _Stream:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(reader, 30)
         self.out.close_code = ws.close_code
-
-    async def _send(self, ws: Any, go: asyncio.Future[float]) -> None:
-        """Frame k at anchor + k * 20 ms (absolute schedule: a late frame does not delay the next ones). Silence
-        until this stream's start (common start + stagger), then `audio_s` of material, then stop."""
-        loop = asyncio.get_running_loop()
-        anchor = time.monotonic()
-        start = end = float("inf")
-        k = 0
-        material = self.silence if self.job.silent else self.frames
-        while True:
-            due = anchor + k * FRAME_S
-            if go.done() and start == float("inf"):
-                start = go.result() + self.spec.stagger_s
-                end = start + self.job.audio_s
-            if due >= end:
-                return
-            delay = due - loop.time()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            if due >= start:
-                if self.out.audio_from < 0:
-                    self.out.audio_from = k
-                frame = material[(self.spec.offset + k - self.out.audio_from) % len(material)]
-            else:
-                frame = self.silence[k % len(self.silence)]
-            t = time.monotonic()
-            await ws.send(frame)
-            self.sent.append(t)
-            self.due.append(due)
-            k += 1
 
     async def _read(self, ws: Any) -> None:
         from websockets.exceptions import ConnectionClosed
@@ -397,39 +401,178 @@ class _Stream:
 
     def outcome(self) -> StreamOutcome:
         o = self.out
-        o.send_times, o.due_times = np.array(self.sent), np.array(self.due)
+        o.send_times = np.frombuffer(self.sent, dtype=np.float64).copy()
+        o.due_times = self.anchor + np.arange(o.send_times.size) * FRAME_S  # the same floats the sender compared
         o.new_end_recv, o.new_end = np.array(self.recv_t), np.array(self.recv_end)
         return o
 
 
-async def _ticker(lags: list[float], stop: asyncio.Event) -> None:
-    loop = asyncio.get_running_loop()
+class _Sender:
+    """Writes the audio frames of all the streams of a client process, from one task. (The old way, one task per
+    stream, each `await asyncio.sleep` + `await ws.send(frame)` 50 times a second, cost about 2.5x the CPU at 100
+    streams: on a small VM every wake-up of a process is dear, and websockets' send path is Python per frame.)
+
+    Frame k of a stream is due at anchor + k x 20 ms (an absolute schedule: a late frame does not delay the next
+    ones): silence until the stream's start (common start + its stagger), then `audio_s` of material, then stop.
+    The task wakes on ticks, origin + m x `TICK_S` (5 ms) of the shared monotonic clock, and each time writes every
+    frame whose due time has passed, each with one `transport.write` of its pre-encoded wire bytes (`ws_binary_frames`:
+    no masking, framing or websockets protocol machinery per frame), and records the time it handed the frame over
+    (`time.monotonic()` just before the write). The anchors are on the ticks: a stream's first frame goes at the
+    first 20 ms boundary (from the origin) after it is ready plus `slot` ticks, slot = its position in the process
+    mod 4, so frames are due exactly on ticks (they go with the loop's own wake-up delay, not up to a tick late) and
+    a process's N streams send in 4 bursts of N/4 frames per 20 ms, not in one. Each process has its own origin (a
+    fraction of a tick from its first stream's index), so the bursts of several processes interleave. The task sleeps
+    until the tick of the next due frame (heap by due time), so it wakes at most 200 times a second, and the
+    loop-lag ticker (every 10 ms, on the same ticks) wakes with it.
+
+    Nothing else can split a frame: `transport.write` of a whole frame is atomic with respect to the other writes of
+    the loop (websockets' own frames, pongs and the close frame, are also written whole, each in one synchronous
+    call). A stream whose connection is no longer OPEN (the server sent or the client answered a close frame, or the
+    connection is gone) gets no more frames, so no data frame follows a close frame, and counts as closed by the
+    server, as `ws.send` would have raised `ConnectionClosed`.
+
+    Back-pressure: websockets' `ws.send` writes and then waits in `drain()` while the transport's buffer is over its
+    high-water mark (`write_limit`, 32 KiB, until it is down to a quarter of it). Here a stream whose connection is
+    paused that way (`ws.paused`, the flag `drain()` waits on) gets no frame written: its due frames wait, are
+    written (each with the time it really went) on the first tick after the buffer has drained. So when the server
+    stops reading, TCP back-pressure shows in the send lag (write time - due time) as it did with `ws.send`. As
+    before, every frame due before the stream's end goes, however late.
+    """
+
+    def __init__(self, job: WorkerJob, material: list[bytes], silence: list[bytes]) -> None:
+        self.job = job
+        self.material = material
+        self.silence = silence
+        self.streams: list[_Stream] = []
+        self.heap: list[tuple[float, int, _Stream]] = []
+        self.t0: float | None = None
+        # this process's ticks: origin + m x TICK_S (a different origin per process: their bursts interleave)
+        self.origin = ((job.streams[0].index * 0.6180339887498949) % 1.0) * TICK_S if job.streams else 0.0
+        self._added = asyncio.Event()
+
+    def add(self, stream: _Stream, ws: Any) -> None:
+        stream.ws, stream.transport = ws, ws.transport
+        now, origin = time.monotonic(), self.origin
+        slot = len(self.streams) % SLOTS
+        stream.anchor = origin + math.ceil((now - origin) / FRAME_S) * FRAME_S + slot * TICK_S
+        if self.t0 is not None:
+            self._set_times(stream)
+        self.streams.append(stream)
+        heapq.heappush(self.heap, (stream.anchor, stream.spec.index, stream))
+        self._added.set()
+
+    def go(self, t0: float) -> None:
+        """The common start: each stream's material starts at t0 + its stagger."""
+        self.t0 = t0
+        for stream in self.streams:
+            self._set_times(stream)
+
+    def _set_times(self, stream: _Stream) -> None:
+        assert self.t0 is not None
+        stream.start = self.t0 + stream.spec.stagger_s
+        stream.end = stream.start + self.job.audio_s
+
+    async def run(self) -> None:
+        try:
+            await self._run()
+        except BaseException:  # cancelled at the end, or a bug: no stream may wait for frames that never come
+            for stream in self.streams:
+                stream.finished.set()
+            raise
+
+    async def _run(self) -> None:
+        from websockets.protocol import State
+
+        open_ = State.OPEN
+        heap, mono, origin = self.heap, time.monotonic, self.origin
+        heappop, heappush, heapreplace = heapq.heappop, heapq.heappush, heapq.heapreplace
+        silent = self.job.silent
+        material = self.silence if silent else self.material
+        silence = self.silence
+        n_material, n_silence = len(material), len(silence)
+        while True:
+            if not heap:
+                self._added.clear()
+                await self._added.wait()
+            woke = now = mono()
+            paused = []
+            while heap and heap[0][0] <= now:
+                entry = heap[0]
+                due, _, s = entry
+                ws = s.ws
+                if due >= s.end or ws.protocol.state is not open_:
+                    heappop(heap)
+                    if due < s.end:  # the connection closed under us
+                        s.out.closed_by_server = True
+                    s.finished.set()
+                    continue
+                if ws.paused:  # the transport's buffer is over the high-water mark: the frame waits
+                    paused.append(heappop(heap))
+                    continue
+                k = s.k
+                if due >= s.start:
+                    out = s.out
+                    if out.audio_from < 0:
+                        out.audio_from = k
+                    frame = material[(s.spec.offset + k - out.audio_from) % n_material]
+                else:
+                    frame = silence[k % n_silence]
+                now = mono()
+                try:
+                    s.transport.write(frame)
+                except Exception:  # e.g. written after EOF: the connection is going; the state check ends it
+                    heappop(heap)
+                    s.out.closed_by_server = True
+                    s.finished.set()
+                    continue
+                s.sent.append(now)
+                s.k = k = k + 1
+                due = s.anchor + k * FRAME_S
+                if due >= s.end:  # that was the last frame
+                    heappop(heap)
+                    s.finished.set()
+                else:
+                    heapreplace(heap, (due, entry[1], s))
+            for entry in paused:
+                heappush(heap, entry)
+            if heap:
+                # the first tick (origin + m x TICK_S) at or after the next due frame
+                wake = origin + math.ceil((max(heap[0][0], woke + 1e-6) - origin) / TICK_S - 1e-6) * TICK_S
+                await asyncio.sleep(max(wake - mono(), 0.0))
+
+
+async def _ticker(lags: list[float], stop: asyncio.Event, origin: float) -> None:
+    """Every 10 ms (on the sender's ticks, so that the two wake up together), how late the loop ran it."""
+    mono = time.monotonic
     while not stop.is_set():
-        due = loop.time() + 0.01
-        await asyncio.sleep(0.01)
-        lags.append(loop.time() - due)
+        due = origin + (math.floor((mono() - origin) / LAG_TICK_S) + 1) * LAG_TICK_S
+        await asyncio.sleep(due - mono())
+        lags.append(mono() - due)
 
 
 async def _worker_main(job: WorkerJob, conn: Connection) -> None:
-    frames = pickle.loads(Path(job.frames_path).read_bytes())
-    silence = pickle.loads(Path(job.silence_path).read_bytes())
-    loop = asyncio.get_running_loop()
-    streams = [_Stream(spec, job, frames, silence) for spec in job.streams]
-    go: asyncio.Future[float] = loop.create_future()
+    material = ws_binary_frames(pickle.loads(Path(job.frames_path).read_bytes()))
+    silence = ws_binary_frames(pickle.loads(Path(job.silence_path).read_bytes()))
+    streams = [_Stream(spec, job) for spec in job.streams]
+    sender = _Sender(job, material, silence)
+    sending = asyncio.create_task(sender.run())
     connected: asyncio.Queue[int] = asyncio.Queue()
     sem = asyncio.Semaphore(job.connect_concurrency)
     lags: list[float] = []
     stop = asyncio.Event()
-    ticker = asyncio.create_task(_ticker(lags, stop))
-    tasks = [asyncio.create_task(s.run(sem, go, connected)) for s in streams]
+    ticker = asyncio.create_task(_ticker(lags, stop, sender.origin))
+    tasks = [asyncio.create_task(s.run(sem, sender, connected)) for s in streams]
     ok = 0
     for _ in streams:
         ok += await connected.get()
     conn.send(("connected", ok))
     message = await asyncio.to_thread(conn.recv)
     lags.clear()  # the connect phase is not the measurement
-    go.set_result(float(message[1]))
+    sender.go(float(message[1]))
     await asyncio.gather(*tasks, return_exceptions=True)
+    if sending.done() and sending.exception() is not None:
+        raise RuntimeError(f"the sender failed: {sending.exception()!r}")
+    sending.cancel()
     stop.set()
     await ticker
     conn.send(("done", WorkerReport([s.outcome() for s in streams], np.array(lags), time.process_time())))

@@ -221,14 +221,17 @@ class _Session:
         try:
             while True:
                 try:
-                    msg = await asyncio.wait_for(self.ws.recv(), timeout=self.server.idle_timeout_s)
+                    # asyncio.timeout, not wait_for: no Task per message (this runs for every audio message)
+                    async with asyncio.timeout(self.server.idle_timeout_s):
+                        msg = await self.ws.recv()
                 except TimeoutError:
                     rec.events.append(("idle_timeout", time.monotonic()))
                     await self._abort(1011, NET0001_REASON)
                     return
                 now = time.monotonic()
                 if isinstance(msg, bytes):
-                    if await self._on_audio(msg, now):
+                    if self._on_audio(msg, now):
+                        await self._abort(1011, DROP_REASON)
                         return
                 elif self._on_text(msg, now):
                     break  # CloseStream: the sender finishes the replies and closes
@@ -277,7 +280,8 @@ class _Session:
         rec.closed_by, rec.close_code, rec.close_reason = "server", code, reason
         await self.ws.close(code, reason)
 
-    async def _on_audio(self, data: bytes, now: float) -> bool:
+    def _on_audio(self, data: bytes, now: float) -> bool:
+        """Record an audio message, reply when enough is pending; True when the connection is to be dropped."""
         rec = self.rec
         if rec.first_audio_at is None:
             rec.first_audio_at = now
@@ -293,7 +297,6 @@ class _Session:
                 self.server.drops_left -= 1
                 if self.server.drops_left <= 0:
                     self.server.drop_after_bytes, self.server.drops_left = None, None
-            await self._abort(1011, DROP_REASON)
             return True
         pending = self._frames_total() - self.cursor
         if pending >= self.threshold_frames:
