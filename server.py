@@ -297,7 +297,9 @@ class _Client:
         self._queue: deque[_Outgoing] = deque()
         self._wake = asyncio.Event()
         self._loop = asyncio.get_running_loop()
-        self._receiving: asyncio.Timeout | None = None  # the receive in progress, to interrupt it
+        self._task = asyncio.current_task()  # the connection's handler task: the one that calls `receive`
+        self._receiving = False  # a receive is in progress (and may be interrupted)
+        self._interrupted = False  # ... and was: its task was cancelled to end it
         self._receive_deadline = 0.0
         self._timer: asyncio.TimerHandle | None = None  # wakes the receive at its deadline (re-armed lazily)
         self._closing = False
@@ -429,29 +431,29 @@ class _Client:
         message that came meanwhile is returned, never lost: cancelling a pending receive is safe in uvicorn's
         implementations). Errors as from `WebSocket.receive`.
 
-        Called for every audio frame (50 a second per stream), so it is cheap: the receive is awaited in the
-        caller's task inside an `asyncio.timeout` with no deadline, which `_interrupt` expires when needed; one
-        timer per client wakes it at its deadline, re-armed only when it fires early (a frame's deadline is almost
-        always later than the previous one's), rather than a task, a timer and a wait per frame."""
+        Called for every audio frame (50 a second per stream), so it is cheap: the receive is awaited directly in
+        the handler's task, and `_interrupt` ends it by cancelling that task, the way `asyncio.timeout` does (the
+        cancellation lands inside this await, is taken back with `uncancel` and becomes None), without a task, a
+        timer, a wait or a timeout object per frame. One timer per client wakes it at its deadline, re-armed only
+        when it fires early (a frame's deadline is almost always later than the previous one's)."""
         self._receive_deadline = self._loop.time() + timeout
         if self._timer is None or self._timer.when() > self._receive_deadline:
             if self._timer is not None:
                 self._timer.cancel()
             self._timer = self._loop.call_at(self._receive_deadline, self._on_timer)
-        interrupt = self._receiving = asyncio.timeout(None)
+        self._receiving = True
         try:
-            async with interrupt:
-                return await self.ws.receive()
-        except TimeoutError:
-            if interrupt.expired():
-                return None
-            raise
+            return await self.ws.receive()
+        except asyncio.CancelledError:
+            if not self._interrupted or self._task.uncancel() > 0:
+                raise  # a real cancellation of the handler (also one that came with the interruption)
+            return None
         finally:
-            self._receiving = None
+            self._receiving = self._interrupted = False
 
     def _on_timer(self) -> None:
         self._timer = None
-        if self._receiving is None:
+        if not self._receiving:
             return  # not receiving now: the next receive arms the timer again
         if self._loop.time() >= self._receive_deadline:
             self._interrupt()
@@ -459,9 +461,11 @@ class _Client:
             self._timer = self._loop.call_at(self._receive_deadline, self._on_timer)
 
     def _interrupt(self) -> None:
-        """Ends the receive in progress, if any, with None."""
-        if self._receiving is not None and not self._receiving.expired():
-            self._receiving.reschedule(self._loop.time())
+        """Ends the receive in progress, if any, with None. Only ever called from other tasks and callbacks (while
+        a receive is in progress its own task is suspended in it)."""
+        if self._receiving and not self._interrupted:
+            self._interrupted = True
+            self._task.cancel()
 
 
 async def _refuse(client: _Client, code: int, error: str, message: str) -> None:

@@ -129,6 +129,7 @@ class Sample:
     bench_cpu: float  # the client processes + this (orchestrator) process
     client_cpu: float  # the client processes alone
     stt_cpu: float  # the Deepgram test server's thread (part of this process)
+    server_threads: dict[str, float]  # the server's CPU by thread role (loadlib.threads_cpu_seconds)
 
 
 class Sampler(threading.Thread):
@@ -147,7 +148,7 @@ class Sampler(threading.Thread):
         clients, own = loadlib.cpu_seconds(self.client_pids), loadlib.cpu_seconds([os.getpid()])
         stt = loadlib.thread_cpu_seconds(os.getpid(), self.stt_tid) if self.stt_tid else float("nan")
         return Sample(time.monotonic(), loadlib.cpu_seconds(self.server_pids), loadlib.rss_mb(self.server_pids),
-                      busy, total, clients + own, clients, stt)
+                      busy, total, clients + own, clients, stt, loadlib.threads_cpu_seconds(self.server_pids[0]))
 
     def run(self) -> None:
         while not self._stop_event.is_set():
@@ -196,6 +197,7 @@ class Bench:
             "MAX_STREAMS": str(max([*a.streams, a.idle_streams]) + 10),
             "MAX_UPLOAD_MB": str(max(200, int(a.batch_seconds * 16000 * 2 / 1e6 * 1.2) + 10)),
             "MAX_UPLOAD_SECONDS": str(max(4 * 3600, int(a.batch_seconds) + 60)),
+            **dict(kv.split("=", 1) for kv in a.server_env),
         }
 
     def start_server(self) -> ServerProcess:
@@ -289,8 +291,10 @@ class Bench:
         loop_lag = np.concatenate([r.loop_lag for r in reports]) if reports else np.zeros(0)
         deltas = {k: metrics_after[k] - metrics_before.get(k, 0.0) for k in metrics_after
                   if k.endswith("_total") and metrics_after[k] != metrics_before.get(k, 0.0)}
-        return analyse(self.args, n, codec, silent, t0, audio_s, outcomes, samples, loop_lag, rss_open, deltas,
-                       connect_s, stt_audio_s)
+        result = analyse(self.args, n, codec, silent, t0, audio_s, outcomes, samples, loop_lag, rss_open, deltas,
+                         connect_s, stt_audio_s)
+        result["pool_mean_batch"] = loadlib.pool_mean_batch(server.http)
+        return result
 
 
 def _expect(conns: list[Connection], kind: str, timeout_s: float) -> list[Any]:
@@ -344,6 +348,7 @@ def analyse(args: argparse.Namespace, n: int, codec: str, silent: bool, t0: floa
     win = Sampler.window(samples, w0, w1)
     cpu_per_stream_s = machine_util = bench_cpu_per_stream_s = float("nan")
     client_cpu_per_stream_s = stt_cpu_per_stream_s = float("nan")
+    server_threads: dict[str, float] = {}  # cores used by each of the server's thread roles
     if win is not None:
         a, b = win
         stream_s = sum(int(((o.send_times >= a.t) & (o.send_times <= b.t)).sum()) for o in outcomes) * FRAME_S
@@ -352,6 +357,9 @@ def analyse(args: argparse.Namespace, n: int, codec: str, silent: bool, t0: floa
             bench_cpu_per_stream_s = (b.bench_cpu - a.bench_cpu) / stream_s
             client_cpu_per_stream_s = (b.client_cpu - a.client_cpu) / stream_s
             stt_cpu_per_stream_s = (b.stt_cpu - a.stt_cpu) / stream_s
+        if b.t > a.t:
+            server_threads = {k: round((v - a.server_threads.get(k, 0.0)) / (b.t - a.t), 3)
+                              for k, v in sorted(b.server_threads.items())}
         if b.machine_total > a.machine_total:
             machine_util = (b.machine_busy - a.machine_busy) / (b.machine_total - a.machine_total)
     rss_stream = [s.server_rss for s in samples if t0 <= s.t <= w1 + args.drain_max]
@@ -370,6 +378,7 @@ def analyse(args: argparse.Namespace, n: int, codec: str, silent: bool, t0: floa
         "cpu_s_per_stream_s": cpu_per_stream_s, "server_cores_used": cpu_per_stream_s * n,
         "machine_cpu_util": machine_util, "bench_cpu_s_per_stream_s": bench_cpu_per_stream_s,
         "client_cpu_s_per_stream_s": client_cpu_per_stream_s, "stt_cpu_s_per_stream_s": stt_cpu_per_stream_s,
+        "server_thread_cores": server_threads,
         "rss_open_mb": rss_open, "rss_peak_mb": rss_peak, "rss_end_mb": rss_end,
         "latency_samples": int(lat_a.size), "p50_s": pct(lat_a, 50), "p95_s": pct(lat_a, 95), "p99_s": pct(lat_a, 99),
         "min_s": float(lat_a.min()) if lat_a.size else float("nan"),
@@ -510,7 +519,10 @@ def table(results: dict[str, Any]) -> str:
                      f"orchestrator in all {r['bench_cpu_s_per_stream_s'] - r['client_cpu_s_per_stream_s']:.4f}); "
                      "client loop lag p95 "
                      f"{ms(r['loop_lag_p95_s'])} ms; {r['stt_audio_s']:.0f} s of audio reached STT; connect "
-                     f"{r['connect_s']:.1f} s" + (f"; counters {r['counter_deltas']}" if r["counter_deltas"] else ""))
+                     f"{r['connect_s']:.1f} s" + (f"; counters {r['counter_deltas']}" if r["counter_deltas"] else "")
+                     + "; server cores by thread: " + ", ".join(f"{k} {v:.2f}" for k, v in
+                                                               r.get("server_thread_cores", {}).items())
+                     + "; pool mean batch: " + ", ".join(f"{k} {v}" for k, v in r.get("pool_mean_batch", {}).items()))
     lines += ["", "per step:", *notes]
     if any(r["client_limited"] for r in results["steps"]):
         lines.append("  * client-limited: the generator's own loop lagged; more --client-procs or a bigger machine")
@@ -612,6 +624,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--word-s", type=float, default=0.5, help="test STT word length (0.5 s)")
     # Deepgram's final results (interim_results=false) come about once a second of speech, or at a Finalize.
     p.add_argument("--result-every-s", type=float, default=1.0, help="test STT result cadence (1 s of audio)")
+    p.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE",
+                   help="a setting for the server under test (repeatable), e.g. POOL_MAX_WAIT_MS=40")
     p.add_argument("--server-dir", type=Path, default=loadlib.REPO,
                    help="the checkout whose server.py runs (A/B against another commit; default this one)")
     p.add_argument("--drain-gap", type=float, default=1.5, help="after the last frame, close once quiet this long")

@@ -133,6 +133,21 @@ def cpu_seconds(pids: list[int]) -> float:
     return total / CLK_TCK
 
 
+def threads_cpu_seconds(pid: int) -> dict[str, float]:
+    """utime + stime of a process's threads by role: "event loop" (the main thread), the model pool's workers (by
+    the OS thread names streaming/pool.py gives them, "pool-vad", "pool-speaker"), and "other threads"."""
+    out: dict[str, float] = {}
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                text = Path(f"/proc/{pid}/task/{entry.name}/stat").read_text()
+                comm = text[text.index("(") + 1 : text.rindex(")")]
+                f = text[text.rindex(")") + 2 :].split()
+                role = "event loop" if int(entry.name) == pid else comm if comm.startswith("pool-") else "other threads"
+                out[role] = out.get(role, 0.0) + (int(f[11]) + int(f[12])) / CLK_TCK
+    return out
+
+
 def thread_cpu_seconds(pid: int, tid: int) -> float:
     """utime + stime of one thread of a process (/proc/<pid>/task/<tid>/stat)."""
     try:
@@ -229,6 +244,17 @@ def stop_server(server: ServerProcess) -> None:
     except subprocess.TimeoutExpired:
         server.proc.kill()
         server.proc.wait(timeout=10)
+
+
+def pool_mean_batch(http: str) -> dict[str, float]:
+    """Mean batch of each model pool worker since the server started (GET /ready); {} when it cannot be read."""
+    import httpx
+
+    try:
+        pool = httpx.get(f"{http}/ready", timeout=5).json().get("pool", {})
+    except (httpx.HTTPError, ValueError):
+        return {}
+    return {k: v["mean_batch"] for k, v in pool.items() if isinstance(v, dict) and "mean_batch" in v}
 
 
 def scrape_metrics(http: str) -> dict[str, float]:

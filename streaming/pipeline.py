@@ -13,7 +13,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -22,7 +22,7 @@ from streaming.pool import VadJob
 from streaming.protocol import ErrorEvent, TranscriptSegment
 from streaming.segment_writer import Persist, SegmentWriter
 from streaming.speaker import MatchRules, ProfileIndex
-from streaming.stt import SAMPLE_RATE, SentTimeline, SttError, SttFactory, SttSession, Transcript
+from streaming.stt import SAMPLE_RATE, SentTimeline, SttError, SttFactory, SttSession, Transcript, to_int16
 from streaming.tagging import MIN_WINDOW_S, SpeakerLabel, SpeakerTagger
 from streaming.vad import SpeechAudio, SpeechEnd, StreamingVAD, VadBackend, VadEvent, VadParams, detect_regions
 
@@ -93,6 +93,17 @@ class SegmentBuilder:
         return changed
 
 
+class SpeechPcm(NamedTuple):
+    """`vad.SpeechAudio` as int16 samples, converted once in the worker thread: STT and the speaker ring take int16."""
+
+    start: int  # stream sample of pcm[0]
+    pcm: np.ndarray  # int16
+
+
+def _speech_as_pcm(events: list[VadEvent]) -> list[SpeechPcm | VadEvent]:
+    return [SpeechPcm(ev.start, to_int16(ev.audio)) if isinstance(ev, SpeechAudio) else ev for ev in events]
+
+
 class FrameJob:
     """One stream's queued frames on their way through decode and VAD (a `pool.VadJob`). `prepare` and `complete`
     run in the VAD worker thread and touch only this stream's decoder and VAD, which nothing else touches while the
@@ -107,7 +118,7 @@ class FrameJob:
         self.frames = frames
         self.bad: list[tuple[int, str]] = []
         self.samples = 0  # 16 kHz samples decoded
-        self.events: list[VadEvent] = []
+        self.events: list[SpeechPcm | VadEvent] = []
 
     def prepare(self) -> tuple[StreamingVAD, np.ndarray]:
         decoded = []
@@ -124,7 +135,7 @@ class FrameJob:
         return self.vad, self.vad.take(audio)
 
     def complete(self, probs: np.ndarray) -> FrameJob:
-        self.events = self.vad.decide(probs)
+        self.events = _speech_as_pcm(self.vad.decide(probs))
         return self
 
     def run_alone(self) -> FrameJob:
@@ -247,21 +258,21 @@ class Pipeline:
 
     # -- steps --------------------------------------------------------------------------------------------------
 
-    def _flush(self) -> list[VadEvent]:
+    def _flush(self) -> list[SpeechPcm | VadEvent]:
         tail = self._decoder.flush()
         self.stats.stream_samples += len(tail)
         events = self._vad.process(tail) if len(tail) else []
-        return events + self._vad.flush()
+        return _speech_as_pcm(events + self._vad.flush())
 
-    async def _forward(self, events: list[VadEvent]) -> None:
+    async def _forward(self, events: list[SpeechPcm | VadEvent]) -> None:
         for ev in events:
-            if isinstance(ev, SpeechAudio):
-                self.timeline.append(ev.start, len(ev.audio))
+            if isinstance(ev, SpeechPcm):
+                self.timeline.append(ev.start, len(ev.pcm))
                 if self.tagger is not None:
-                    self.tagger.add_audio(ev.audio)
-                self.stats.sent_samples += len(ev.audio)
+                    self.tagger.add_audio(ev.pcm)
+                self.stats.sent_samples += len(ev.pcm)
                 self._last_sent = time.monotonic()
-                await self.stt.send(ev.audio)
+                await self.stt.send(ev.pcm)
             elif isinstance(ev, SpeechEnd):
                 self.stats.regions += 1
                 self._last_sent = time.monotonic()

@@ -73,8 +73,8 @@ class SttSession(ABC):
     async def start(self) -> None: ...
 
     @abstractmethod
-    async def send(self, audio: np.ndarray) -> None:
-        """Speech audio, float32 16 kHz mono, continuing the sent-audio clock."""
+    async def send(self, pcm16: np.ndarray) -> None:
+        """Speech audio, int16 16 kHz mono (`to_int16`), continuing the sent-audio clock."""
 
     @abstractmethod
     async def finalize(self) -> None:
@@ -88,8 +88,16 @@ class SttSession(ABC):
         """End of stream: deliver the last results, then release everything."""
 
 
+def to_int16(audio: np.ndarray) -> np.ndarray:
+    """float audio in [-1, 1] as 16-bit PCM samples (rounded, clipped): what STT and the speaker ring take."""
+    out = np.multiply(audio, 32768.0, dtype=np.float32)
+    np.rint(out, out=out)
+    np.clip(out, -32768.0, 32767.0, out=out)
+    return out.astype("<i2")
+
+
 def to_pcm16(audio: np.ndarray) -> bytes:
-    return (np.clip(audio, -1.0, 32767 / 32768) * 32768.0).round().astype("<i2").tobytes()
+    return to_int16(audio).tobytes()
 
 
 # --- sent-audio time → stream time ------------------------------------------------------------------------------
@@ -356,10 +364,9 @@ class DeepgramSession(SttSession):
             self._lost(conn)
             return False
 
-    async def send(self, audio: np.ndarray) -> None:
+    async def send(self, pcm16: np.ndarray) -> None:
         self.check()
-        pcm = to_pcm16(audio)
-        dropped = self._buffer.add_audio(pcm)
+        dropped = self._buffer.add_audio(pcm16.tobytes())
         if dropped and self._conn is None:  # a live socket may still answer for what was cut: not lost yet
             await self._tell_overflow()
         if (self._buffer.end - self._written) >= self._send_samples:
@@ -510,9 +517,9 @@ class LocalSession(SttSession):
     async def start(self) -> None:
         return None
 
-    async def send(self, audio: np.ndarray) -> None:
-        self._region.append(audio)
-        self._sent += len(audio)
+    async def send(self, pcm16: np.ndarray) -> None:
+        self._region.append(pcm16)
+        self._sent += len(pcm16)
 
     async def finalize(self) -> None:
         if not self._region:
@@ -523,7 +530,7 @@ class LocalSession(SttSession):
         self._last_task = asyncio.create_task(self._recognize(self._last_task, audio, offset))
 
     async def _recognize(self, previous: asyncio.Task | None, audio: np.ndarray, offset: float) -> None:
-        words = await asyncio.to_thread(self._recognizer.recognize, to_pcm16(audio))
+        words = await asyncio.to_thread(self._recognizer.recognize, audio.tobytes())
         if previous is not None:
             await previous
         shifted = tuple(Word(w.text, w.start + offset, w.end + offset, w.confidence) for w in words)

@@ -47,23 +47,25 @@ class AudioRing:
         self._buf: np.ndarray | None = None
         self.end = 0  # absolute index one past the newest sample
 
-    def append(self, audio: np.ndarray) -> None:
+    def append(self, pcm16: np.ndarray) -> None:
+        """int16 samples (`stt.to_int16`), the next ones of the sent audio."""
         if self._buf is None:
             self._buf = np.zeros(self.capacity, np.int16)
-        pcm = (np.clip(audio, -1.0, 32767 / 32768) * 32768).astype(np.int16)[-self.capacity :]
-        start = (self.end + len(audio) - len(pcm)) % self.capacity
+        pcm = pcm16[-self.capacity :]
+        start = (self.end + len(pcm16) - len(pcm)) % self.capacity
         first = min(len(pcm), self.capacity - start)
         self._buf[start : start + first] = pcm[:first]
         self._buf[: len(pcm) - first] = pcm[first:]
-        self.end += len(audio)
+        self.end += len(pcm16)
 
     def slice(self, start: int, stop: int) -> np.ndarray:
         """float32 audio of absolute sent samples [start, stop), clipped to what is still held."""
         start, stop = max(start, self.end - self.capacity, 0), min(stop, self.end)
         if self._buf is None or stop <= start:
             return np.zeros(0, np.float32)
-        idx = np.arange(start, stop) % self.capacity
-        return self._buf[idx].astype(np.float32) / 32768.0
+        a, b = start % self.capacity, stop % self.capacity
+        pcm = self._buf[a:b] if a < b else np.concatenate((self._buf[a:], self._buf[:b]))  # wrapped round the end
+        return pcm.astype(np.float32) / 32768.0
 
 
 @dataclass(frozen=True)
@@ -99,8 +101,8 @@ class SpeakerTagger:
         self._last: int | None = None  # cluster of the last embedded window
         self._windows: dict[int, int] = {}  # window index on the sent-audio grid → cluster it joined
 
-    def add_audio(self, audio: np.ndarray) -> None:
-        self.ring.append(audio)
+    def add_audio(self, pcm16: np.ndarray) -> None:
+        self.ring.append(pcm16)
 
     def label(self, cluster: int) -> SpeakerLabel:
         cluster = self.clusters.resolve(cluster)

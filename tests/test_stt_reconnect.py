@@ -17,7 +17,7 @@ from deepgram_server import DeepgramTestServer
 import metrics
 from config import Settings
 from streaming.reconnect import ReplayBuffer, backoff_delay
-from streaming.stt import DeepgramSession, SttError, Transcript, to_pcm16
+from streaming.stt import DeepgramSession, SttError, Transcript, to_int16, to_pcm16
 
 SR = 16000
 WORD_S = 0.5
@@ -97,7 +97,7 @@ def speech(seconds: float) -> np.ndarray:
 
 async def stream(session: DeepgramSession, audio: np.ndarray, pace_s: float = 0.002, finalize_every: int = 0):
     for i in range(0, len(audio), CHUNK):
-        await session.send(audio[i : i + CHUNK])
+        await session.send(to_int16(audio[i : i + CHUNK]))
         if finalize_every and (i // CHUNK + 1) % finalize_every == 0:
             await session.finalize()
         await asyncio.sleep(pace_s)
@@ -201,7 +201,7 @@ async def test_gives_up_after_quick_failures_and_says_so():
         dg.drop_after_bytes, dg.refuse_connections = 2 * SR * 2, 1000
         with pytest.raises(SttError, match="reconnects failed"):
             for i in range(0, len(audio), CHUNK):
-                await session.send(audio[i : i + CHUNK])
+                await session.send(to_int16(audio[i : i + CHUNK]))
                 await asyncio.sleep(0.01)
             for _ in range(500):  # speech ended; the stream goes on in silence until the check fails
                 session.check()

@@ -170,7 +170,7 @@ async def test_streams_batched_on_the_pool_decide_as_each_alone():
     """Pipelines' frame jobs through the pool's VAD worker (one model call for all streams per step) give every
     stream the events it gets alone; a job that fails fails only its own stream."""
     from streaming.codecs import make_decoder
-    from streaming.pipeline import FrameJob
+    from streaming.pipeline import FrameJob, SpeechPcm
     from streaming.pool import ModelPool
 
     backend = SileroVad()
@@ -188,7 +188,8 @@ async def test_streams_batched_on_the_pool_decide_as_each_alone():
             for k, offset in enumerate(range(0, len(pcm[i]), 640 * 3)):  # three 20 ms frames per job
                 frames = [(k * 3 + j, pcm[i][offset + j * 640 : offset + (j + 1) * 640]) for j in range(3)]
                 job = await pool.run_vad(FrameJob(decoders[i], vads[i], [f for f in frames if f[1]]))
-                events[i] += job.events
+                events[i] += [SpeechAudio(e.start, e.pcm / 32768.0) if isinstance(e, SpeechPcm) else e
+                              for e in job.events]  # the int16 the pipeline forwards, as float again
             events[i] += vads[i].flush()
 
         class Broken(FrameJob):
@@ -208,7 +209,7 @@ async def test_streams_batched_on_the_pool_decide_as_each_alone():
     for (m1, s1), ev in zip(alone, events, strict=True):
         m2, s2 = summarize(ev)
         assert m1 == m2
-        np.testing.assert_allclose(s1, s2, atol=1 / 32768)  # pcm16 rounding of the input
+        np.testing.assert_array_equal(s2, np.round(s1 * 32768) / 32768)  # pcm16 in, int16 out: exact
 
 
 def test_max_speech_cuts_long_regions():
@@ -259,3 +260,21 @@ def test_uploads_claiming_a_tiny_sample_rate_are_refused():
     with pytest.raises(AudioFileError) as err:
         decode_audio_file(buf.getvalue(), max_seconds=4 * 3600)
     assert err.value.status == 422 and "2 Hz" in str(err.value)
+
+
+def test_audio_ring_slices_across_the_wrap():
+    """The ring returns exactly the sent audio of any span it still holds, wrapped round its end or not."""
+    from streaming.tagging import AudioRing
+
+    ring = AudioRing(seconds=1.0)  # 16000 samples
+    rng = np.random.default_rng(3)
+    sent = np.round(rng.uniform(-0.5, 0.5, 120_000) * 32768) / 32768  # exactly representable in int16
+    pos = 0
+    for n in rng.integers(1, 3000, 40):
+        ring.append(np.round(sent[pos : pos + n] * 32768).astype(np.int16))
+        pos += int(n)
+        for start, stop in ((pos - 16000, pos), (pos - 700, pos - 100), (pos - 9000, pos - 8000), (pos - 5, pos + 9)):
+            lo, hi = max(start, pos - 16000, 0), min(stop, pos)
+            expected = sent[lo:hi] if hi > lo else sent[:0]
+            np.testing.assert_array_equal(ring.slice(start, stop), expected.astype(np.float32))
+    assert ring.slice(pos - 20000, pos - 17000).size == 0  # no longer held
