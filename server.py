@@ -27,7 +27,6 @@ os.environ.setdefault("PYANNOTE_METRICS_ENABLED", "false")  # pyannote.audio sen
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
-import numpy as np  # noqa: E402
 from fastapi import FastAPI, WebSocket  # noqa: E402
 from fastapi.responses import JSONResponse  # noqa: E402
 from pydantic import ValidationError  # noqa: E402
@@ -71,8 +70,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         st.vad_params = VadParams.from_settings(s)
         st.vad_backend = await asyncio.to_thread(load_vad_backend, s)
         # Warm-up: the first model call pays for allocation; keep that off the first user's stream.
-        await asyncio.to_thread(st.vad_backend.speech_probs, st.vad_backend.new_state(),
-                                np.zeros(st.vad_backend.chunk_samples, np.float32))
+        await asyncio.to_thread(st.vad_backend.warm_up)
         st.stt_factory = await asyncio.to_thread(SttFactory, s)
         st.storage = await open_storage(s)
         st.conversations = ConversationService(st.storage)

@@ -47,6 +47,10 @@ class VadBackend(ABC):
         """audio: (n,) with n a multiple of chunk_samples, continuing the stream `state` describes.
         Returns (n // frame_samples,) probabilities and advances `state`."""
 
+    def warm_up(self) -> None:
+        """One call of each kind the streams will make, so the first stream does not pay for allocation."""
+        self.speech_probs(self.new_state(), np.zeros(self.chunk_samples, np.float32))
+
     def speech_probs_batch(self, states: list[Any], audios: list[np.ndarray]) -> list[np.ndarray]:
         """Many streams at once (the model pool's VAD worker): `speech_probs(states[i], audios[i])` for each i, in
         as few model calls as the backend can. The results equal the one-stream calls (float rounding aside).
@@ -69,13 +73,17 @@ class SileroVad(VadBackend):
     - "op15" (`speech_probs_batch`, many streams): one frame of each of many streams per call, their states stacked
       as (2, streams, 128). A live stream brings one or two frames per request; a call per frame and stream costs
       ~100 us, a frame in a batch of 8 or more ~55 us (measured on this machine's CPU, one thread).
-    Both give identical probabilities from identical states (checked in tests/test_units.py).
+    Both give identical probabilities from identical states (checked in tests/test_units.py). A step with many
+    streams runs instead on the TorchScript export of the same weights in the wheel (`silero_vad.jit`, its 16 kHz
+    model called with the state explicit): 22-25 us a frame at 64-128 streams against ONNX's 55, but 48 us at 16 and
+    300 us alone, so below TORCH_MIN_STREAMS a step stays on ONNX (probabilities equal to 2e-6).
     """
 
     name = "silero"
     frame_samples = 512
     chunk_samples = 512
     _context_samples = 64
+    TORCH_MIN_STREAMS = 12  # measured crossover: ONNX 61 vs TorchScript 72 us a frame at 8 streams, 56 vs 32 at 32
 
     def __init__(self, threads: int = 1) -> None:
         import onnxruntime as ort
@@ -91,9 +99,17 @@ class SileroVad(VadBackend):
         self._batched = ort.InferenceSession(str(data.joinpath("silero_vad_16k_op15.onnx")),
                                              sess_options=options, providers=["CPUExecutionProvider"])
         self._rate = np.array(SAMPLE_RATE, np.int64)
+        self._torch_model: Any = None  # loaded on the first step with many streams (`_torch_step`)
 
     def new_state(self) -> _SileroState:
         return _SileroState()
+
+    def warm_up(self) -> None:
+        super().warm_up()
+        n = self.TORCH_MIN_STREAMS
+        for _ in range(3):  # TorchScript's profiling executor optimises the graph over its first calls
+            silence = [np.zeros(self.chunk_samples, np.float32)] * n
+            self.speech_probs_batch([self.new_state() for _ in range(n)], silence)
 
     def _blocks(self, state: _SileroState, audio: np.ndarray) -> np.ndarray:
         """(frames, 64 + 512): each frame after the last 64 samples before it (the model's context)."""
@@ -136,14 +152,33 @@ class SileroVad(VadBackend):
         active = [sum(1 for i in live if counts[i] > j) for j in range(steps)]
         probs = np.zeros((len(live), steps), np.float32)
         for j, rows in enumerate(active):
-            p, lstm[:, :rows] = self._batched.run(["output", "stateN"], {
-                "input": np.ascontiguousarray(blocks[:rows, j]), "state": np.ascontiguousarray(lstm[:, :rows]),
-                "sr": self._rate})
+            step_in, step_state = np.ascontiguousarray(blocks[:rows, j]), np.ascontiguousarray(lstm[:, :rows])
+            if rows >= self.TORCH_MIN_STREAMS:
+                p, lstm[:, :rows] = self._torch_step(step_in, step_state)
+            else:
+                p, lstm[:, :rows] = self._batched.run(["output", "stateN"], {
+                    "input": step_in, "state": step_state, "sr": self._rate})
             probs[:rows, j] = p[:, 0]
         for row, i in enumerate(live):
             states[i].lstm = lstm[:, row].copy()
             out[i] = probs[row, : counts[i]]
         return out
+
+    def _torch_step(self, blocks: np.ndarray, lstm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """One frame of many streams on the TorchScript model: blocks (streams, 576), lstm (2, streams, 128) →
+        probabilities (streams, 1) and the new states. Runs in the calling thread with its torch thread count."""
+        import torch
+
+        if self._torch_model is None:
+            import warnings
+
+            with warnings.catch_warnings():  # torch.jit.load is deprecated in favour of torch.export (same file)
+                warnings.simplefilter("ignore", FutureWarning)
+                path = resources.files("silero_vad.data").joinpath("silero_vad.jit")
+                self._torch_model = torch.jit.load(str(path), map_location="cpu").eval()._model
+        with torch.inference_mode():
+            p, state = self._torch_model(torch.from_numpy(blocks), torch.from_numpy(lstm))
+        return p.numpy(), state.numpy()
 
 
 @dataclass
