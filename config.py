@@ -37,8 +37,8 @@ class Settings(BaseSettings):
     speaker_backend: Literal["resemblyzer", "speechbrain"] = "resemblyzer"
     speechbrain_model: str = "speechbrain/spkrec-ecapa-voxceleb"  # Hugging Face id or local directory
     # resemblyzer's LSTM dtype. auto: bfloat16 on a CPU with native bf16 (AVX512_BF16/AMX_BF16), else float32 (and
-    # on CUDA). bf16: 1.7x faster a window, cosine >= 0.995 to fp32, but live clustering 0.02 lower (speaker.py)
-    speaker_precision: Literal["auto", "float32", "bfloat16"] = "float32"
+    # on CUDA). bf16: 1.7x faster a window, cosine >= 0.995 to fp32; what it costs in agreement: speaker.py
+    speaker_precision: Literal["auto", "float32", "bfloat16"] = "auto"
     lazy_models: bool = False  # load models on first use instead of at start-up
     # torch intra-op threads per model call (0: torch's default, one per core). 1 on CPU: under many streams the
     # parallelism comes from batching and threads, and idle OpenMP threads spin (bench/RESULTS.md: 40% less CPU).

@@ -194,7 +194,7 @@ class ResemblyzerEmbedder(SpeakerEmbedder):
     a 1.2 s clip: that is what resemblyzer was trained and enrolled with (bench/speaker_calibration.py --no-pad
     measures the alternative).
 
-    Precision (`SPEAKER_PRECISION`, `resolve_speaker_precision`; default float32): "bfloat16" converts the LSTM's
+    Precision (`SPEAKER_PRECISION`, `resolve_speaker_precision`; default auto): "bfloat16" converts the LSTM's
     weights to bf16 once and runs it on bf16 mel input (oneDNN's bf16 LSTM); the mel front end, the linear layer,
     the partial average and the output stay float32. Measured on this CPU (AVX512_BF16, no AMX; one thread):
     - speed: the LSTM 1.85x faster (2.3 vs 4.3 ms a partial at batch 32); a live 1.2 s window through the pool
@@ -208,8 +208,11 @@ class ResemblyzerEmbedder(SpeakerEmbedder):
     - decisions: matching accuracy the same (0.857), also with profiles enrolled in the other precision; live
       clustering agreement 0.882 instead of 0.902 at the server's thresholds: one file (trn05, 0.98 -> 0.80) whose
       online cluster history flips. Random noise of bf16's size added to the float32 embeddings flips it too, in 5 of
-      30 draws (a fragile optimum on 5 minutes of audio rather than a clearly worse embedding), but a drop of
-      more than 0.01 was the bar, so the default stays float32; `auto` and `bfloat16` are there for capacity.
+      30 draws (a fragile optimum on 5 minutes of audio rather than a clearly worse embedding); the end-to-end
+      speaker tests score the same in both (sample.wav labels 0.844 fp32 / 0.845 bf16, trn07 -> trn08 0.80 both).
+    - capacity: at 100 live streams on 2 cores the speaker worker needs 0.43 cores in bf16 against 0.67 in fp32,
+      and only with bf16 is the p95 of our latency under 300 ms (bench/RESULTS.md). So the default is `auto`;
+      `float32` buys back the last 0.02 of clustering agreement on the calibration set.
     The name stays "resemblyzer" in both precisions: profiles enrolled in one are matched by the other (above).
 
     `min_samples` = 0.75 s. Shorter clips are zero-padded to one 1.6 s partial, and the LSTM's final state then

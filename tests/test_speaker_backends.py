@@ -369,7 +369,7 @@ def proc_cpuinfo_bf16() -> bool | None:
 def test_speaker_precision_auto_resolves_as_documented(monkeypatch, caplog):
     import torch
 
-    assert Settings(_env_file=None).speaker_precision == "float32"  # the default (see streaming/speaker.py)
+    assert Settings(_env_file=None).speaker_precision == "auto"  # the default (see streaming/speaker.py)
     for device in ("cpu", "cuda"):  # explicit settings are taken as they are
         assert resolve_speaker_precision("float32", device)[0] == "float32"
         assert resolve_speaker_precision("bfloat16", device)[0] == "bfloat16"
