@@ -24,7 +24,6 @@ _HELP: dict[str, str] = {
     "storage_segments_lost_total": "segments that could not be written before their stream ended",
     "ws_messages_dropped_total": "messages to a client that could not keep up (only pings and repeated updates)",
     "ws_slow_clients_closed_total": "streams closed because the client stopped reading its messages",
-    "ws_frames_refused_total": "audio frames refused because a client sent faster than the server could process",
 }
 
 _lock = threading.Lock()

@@ -15,8 +15,6 @@ import json
 import math
 import os
 import pickle
-import socket
-import subprocess
 import sys
 import time
 from array import array
@@ -27,6 +25,12 @@ from typing import Any
 
 import numpy as np
 import soundfile as sf
+
+if str(Path(__file__).resolve().parents[1] / "tests") not in sys.path:  # the tests' server process helper
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+import server_process  # noqa: E402
+from server_process import ServerProcess  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
@@ -95,12 +99,6 @@ def write_wav_loop(path: Path, seconds: float) -> float:
 
 
 # --- the server process and /proc -------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _stat_fields(pid: int) -> list[str]:
@@ -187,63 +185,13 @@ def machine_info() -> dict[str, Any]:
             "python": sys.version.split()[0]}
 
 
-@dataclass
-class ServerProcess:
-    port: int
-    proc: subprocess.Popen[bytes]
-    log_path: Path
-
-    @property
-    def http(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def ws(self) -> str:
-        return f"ws://127.0.0.1:{self.port}"
-
-    def pids(self) -> list[int]:
-        return descendants(self.proc.pid)
-
-    def log_tail(self, lines: int = 40) -> str:
-        text = self.log_path.read_text(encoding="utf-8", errors="replace")
-        return "\n".join(text.splitlines()[-lines:])
-
-
-def start_server(workdir: Path, env: dict[str, str], timeout_s: float = 180.0, cwd: Path = REPO) -> ServerProcess:
-    """`python -m uvicorn server:app` on a free loopback port with a fresh DATA_DIR; returns once /ready is 200."""
-    import httpx
-
-    port = free_port()
-    workdir.mkdir(parents=True, exist_ok=True)
-    full_env = {k: v for k, v in os.environ.items()
-                if not k.startswith(("DEEPGRAM", "ADMIN_KEY", "STT_", "VAD_", "FIREBASE", "MAX_"))}
-    full_env.update({"DATA_DIR": str(workdir / "data"), "PYANNOTE_METRICS_ENABLED": "false", **env})
-    log_path = workdir / f"server-{port}.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "server:app", "--host", "127.0.0.1", "--port", str(port)],
-            cwd=cwd, env=full_env, stdout=log, stderr=subprocess.STDOUT,
-        )
-    server = ServerProcess(port, proc, log_path)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{server.log_tail()}")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{server.http}/ready", timeout=2).status_code == 200:
-                return server
-        time.sleep(0.25)
-    proc.kill()
-    raise RuntimeError(f"server not ready in {timeout_s:.0f} s:\n{server.log_tail()}")
+def start_server(workdir: Path, env: dict[str, str], cwd: Path = REPO) -> ServerProcess:
+    """`python -m uvicorn server:app` from `cwd` (tests/server_process.py), given 180 s to load its models."""
+    return server_process.start_server(workdir, env, cwd=cwd, timeout_s=180.0)
 
 
 def stop_server(server: ServerProcess) -> None:
-    server.proc.terminate()
-    try:
-        server.proc.wait(timeout=40)
-    except subprocess.TimeoutExpired:
-        server.proc.kill()
-        server.proc.wait(timeout=10)
+    server_process.stop_server(server, timeout_s=40.0)
 
 
 def pool_mean_batch(http: str) -> dict[str, float]:

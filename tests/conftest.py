@@ -6,19 +6,17 @@ import asyncio
 import contextlib
 import json
 import os
-import socket
-import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
+import server_process
 import soundfile as sf
+from server_process import ServerProcess, free_port, stop_server  # noqa: F401 (the tests import them from here)
 
 os.environ.setdefault("PYANNOTE_METRICS_ENABLED", "false")
 
@@ -41,62 +39,34 @@ def to_int16(audio: np.ndarray) -> np.ndarray:
     return (np.clip(audio, -1.0, 32767 / 32768) * 32768.0).round().astype(np.int16)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+PG_ADMIN = os.environ.get("TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 
 
-@dataclass
-class ServerProcess:
-    port: int
-    proc: subprocess.Popen
-    log_path: Path
+@contextlib.contextmanager
+def fresh_postgres_database(prefix: str) -> Iterator[str]:
+    """A new, empty database on the test PostgreSQL server (TEST_POSTGRES_URL), dropped afterwards: its URL. Raises
+    OSError or asyncpg.PostgresError at the start when there is no server."""
+    import asyncpg
 
-    @property
-    def http(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
 
-    @property
-    def ws(self) -> str:
-        return f"ws://127.0.0.1:{self.port}"
+    async def admin(sql: str) -> None:
+        con = await asyncpg.connect(PG_ADMIN, timeout=5)
+        try:
+            await con.execute(sql)
+        finally:
+            await con.close()
 
-    def log(self) -> str:
-        return self.log_path.read_text(encoding="utf-8", errors="replace")
+    asyncio.run(admin(f'CREATE DATABASE "{name}"'))
+    try:
+        yield f"{PG_ADMIN.rsplit('/', 1)[0]}/{name}"
+    finally:
+        asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 def start_server(tmp_path: Path, **env: str) -> ServerProcess:
     """Runs `uvicorn server:app` as a separate process on a free loopback port, waits for /ready."""
-    port = free_port()
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("DEEPGRAM", "ADMIN_KEY", "STT_", "VAD_"))}
-    full_env.update({"DATA_DIR": str(tmp_path / "data"), "PYANNOTE_METRICS_ENABLED": "false", **env})
-    log_path = tmp_path / f"server-{port}.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "server:app", "--host", "127.0.0.1", "--port", str(port)],
-            cwd=REPO, env=full_env, stdout=log, stderr=subprocess.STDOUT,
-        )
-    server = ServerProcess(port, proc, log_path)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{server.log()}")
-        try:
-            if httpx.get(f"{server.http}/ready", timeout=1).status_code == 200:
-                return server
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError(f"server not ready in time:\n{server.log()}")
-
-
-def stop_server(server: ServerProcess) -> None:
-    server.proc.terminate()
-    try:
-        server.proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        server.proc.kill()
+    return server_process.start_server(tmp_path, env)
 
 
 @pytest.fixture(scope="module")

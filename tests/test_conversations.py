@@ -6,19 +6,24 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import uuid
 
-import asyncpg
 import httpx
 import numpy as np
 import pytest
-from conftest import SAMPLE_WAV, pcm16_frames, read_wav, start_server, stop_server, stream_frames
+from conftest import (
+    SAMPLE_WAV,
+    fresh_postgres_database,
+    pcm16_frames,
+    read_wav,
+    start_server,
+    stop_server,
+    stream_frames,
+)
 from deepgram_server import ThreadedDeepgramTestServer
 
 SR = 16000
-PG_ADMIN = os.environ.get("TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 TIMEOUT_S = 4  # conversation_timeout for these tests (MIN_CONVERSATION_TIMEOUT_S lowered to allow it)
 
 
@@ -34,19 +39,8 @@ def database(request, tmp_path):
     if request.param == "sqlite":
         yield {"DATABASE_CHOICE": "sqlite", "SQLITE_PATH": str(tmp_path / "conv.sqlite3")}
         return
-    name = f"conv_{uuid.uuid4().hex[:10]}"
-
-    async def admin(sql: str) -> None:
-        con = await asyncpg.connect(PG_ADMIN, timeout=5)
-        try:
-            await con.execute(sql)
-        finally:
-            await con.close()
-
-    asyncio.run(admin(f'CREATE DATABASE "{name}"'))
-    base = PG_ADMIN.rsplit("/", 1)[0]
-    yield {"DATABASE_CHOICE": "postgres", "POSTGRES_URL": f"{base}/{name}"}
-    asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    with fresh_postgres_database("conv") as url:
+        yield {"DATABASE_CHOICE": "postgres", "POSTGRES_URL": url}
 
 
 def server_env(deepgram, database) -> dict[str, str]:

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
-import os
 import time
 import uuid
 
@@ -24,14 +24,24 @@ import asyncpg
 import httpx
 import numpy as np
 import pytest
-from conftest import DATA, SAMPLE_WAV, pcm16_frames, read_wav, silence_frames, start_server, stop_server, stream_frames
+from conftest import (
+    DATA,
+    PG_ADMIN,
+    SAMPLE_WAV,
+    fresh_postgres_database,
+    pcm16_frames,
+    read_wav,
+    silence_frames,
+    start_server,
+    stop_server,
+    stream_frames,
+)
 from test_speakers import rttm_turns, single_speaker_audio, wav_bytes
 
 SR = 16000
 PROJECT = "isolation-test"
 ADMIN_KEY = "iso-admin-4f9c2e7b1d"
 A, B, D = "user-a", "user-b", "user-d"
-PG_ADMIN = os.environ.get("TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 LISTEN = "/v4/listen?codec=pcm16&sample_rate=16000&conversation_timeout=3600"  # no sweep closes it mid-test
 
 # Every HTTP operation the app serves, by who may use it. A new route fails test_every_route_is_classified until it
@@ -354,28 +364,18 @@ def test_a_stream_cannot_assign_b_person_or_touch_b_conversation(server, world):
 
 @pytest.fixture(scope="module")
 def pg_world(tmp_path_factory):
-    name = f"iso_{uuid.uuid4().hex[:10]}"
-
-    async def admin(sql: str) -> None:
-        con = await asyncpg.connect(PG_ADMIN, timeout=5)
+    with contextlib.ExitStack() as stack:
         try:
-            await con.execute(sql)
+            url = stack.enter_context(fresh_postgres_database("iso"))
+        except (OSError, asyncpg.PostgresError) as exc:
+            pytest.skip(f"no PostgreSQL at {PG_ADMIN}: {exc}")
+        proc = start_server(tmp_path_factory.mktemp("isolation-pg"),
+                            **server_env(DATABASE_CHOICE="postgres", POSTGRES_URL=url))
+        try:
+            cid, _ = owner_conversation(proc, B)
+            yield proc, {"conversation": cid, "snapshot": snapshot(proc, B, cid)}
         finally:
-            await con.close()
-
-    try:
-        asyncio.run(admin(f'CREATE DATABASE "{name}"'))
-    except (OSError, asyncpg.PostgresError) as exc:
-        pytest.skip(f"no PostgreSQL at {PG_ADMIN}: {exc}")
-    base = PG_ADMIN.rsplit("/", 1)[0]
-    proc = start_server(tmp_path_factory.mktemp("isolation-pg"),
-                        **server_env(DATABASE_CHOICE="postgres", POSTGRES_URL=f"{base}/{name}"))
-    try:
-        cid, _ = owner_conversation(proc, B)
-        yield proc, {"conversation": cid, "snapshot": snapshot(proc, B, cid)}
-    finally:
-        stop_server(proc)
-        asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+            stop_server(proc)
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
