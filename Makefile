@@ -27,7 +27,7 @@ lint: $(STAMP)
 
 # Capacity: concurrent real-time streams, CPU and memory per stream, our latency, batch speed (bench/RESULTS.md).
 bench: $(STAMP)
-	$(PY) bench/load.py --streams 10,20,30,40 --duration 40 --json bench/results.json --plot bench/load.png
+	$(PY) bench/load.py --streams 25,50,75,100,125,150,175 --duration 40 --json bench/results.json --plot bench/load.png
 
 bench-vad: $(STAMP)
 	$(PY) bench/vad_der.py
