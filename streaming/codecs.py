@@ -161,6 +161,10 @@ class FrameDecoder:
             self.failed_frames += 1
             raise
         self.decoded_frames += 1
+        return self._deliver(audio)
+
+    def _deliver(self, audio: np.ndarray) -> np.ndarray:
+        """A decoded frame at the decoder's rate -> float32 16 kHz in [-1, 1]."""
         return self._finish(self._resampler.process(audio))
 
     def flush(self) -> np.ndarray:
@@ -291,18 +295,10 @@ class OpusDecoder(FrameDecoder):
         ctx.layout = "mono" if self.channels == 1 else "stereo"
         return ctx
 
-    def decode(self, frame: bytes) -> np.ndarray:
+    def _deliver(self, audio: np.ndarray) -> np.ndarray:
         if self._lib is None:
-            return super().decode(frame)
+            return super()._deliver(audio)
         # libopus path: already 16 kHz, so skip the (passthrough) resampler and the base class's copies.
-        try:
-            if not isinstance(frame, (bytes, bytearray, memoryview)):
-                raise DecodeError(f"expected a binary frame, got {type(frame).__name__}")
-            audio = self._decode_libopus(frame)
-        except DecodeError:
-            self.failed_frames += 1
-            raise
-        self.decoded_frames += 1
         np.minimum(audio, 1.0, out=audio)  # np.clip's Python wrapper costs more than the two ufuncs
         np.maximum(audio, -1.0, out=audio)
         return audio
@@ -323,7 +319,7 @@ class OpusDecoder(FrameDecoder):
         return out
 
     def _decode_frame(self, frame: bytes | bytearray | memoryview) -> np.ndarray:
-        """The PyAV path (48 kHz; the base class resamples); the libopus path goes through :meth:`decode`."""
+        """libopus at 16 kHz, or the PyAV path (48 kHz; `_deliver` resamples it)."""
         if self._lib is not None:
             return self._decode_libopus(frame)
         if len(frame) == 0:
