@@ -23,6 +23,21 @@ log = logging.getLogger(__name__)
 _UID = re.compile(r"^[A-Za-z0-9_\-.:@]{1,128}$")
 
 
+def firebase_app(settings: Settings):
+    """The firebase-admin default app, created from SERVICE_ACCOUNT_JSON, FIREBASE_CREDENTIALS or
+    FIREBASE_PROJECT_ID (application default credentials) unless it exists. Shared by auth, Firestore and FCM."""
+    import firebase_admin
+    from firebase_admin import credentials
+
+    try:
+        return firebase_admin.get_app()
+    except ValueError:
+        certificate = settings.firebase_certificate()
+        cred = credentials.Certificate(certificate) if certificate is not None else None
+        project = settings.firebase_project_id
+        return firebase_admin.initialize_app(cred, {"projectId": project} if project else None)
+
+
 class AuthError(Exception):
     """Refused. The message is safe to show the client (it never echoes the credential)."""
 
@@ -47,18 +62,7 @@ def is_loopback(host: str | None) -> bool:
 class Authenticator:
     def __init__(self, settings: Settings) -> None:
         self._admin_key = settings.admin_key.get_secret_value() if settings.admin_key else None
-        self._firebase = None
-        if settings.firebase_enabled:
-            import firebase_admin
-            from firebase_admin import credentials
-
-            path = settings.firebase_credentials
-            cred = credentials.Certificate(str(path)) if path else None
-            options = {"projectId": settings.firebase_project_id} if settings.firebase_project_id else None
-            try:
-                self._firebase = firebase_admin.get_app()
-            except ValueError:
-                self._firebase = firebase_admin.initialize_app(cred, options)
+        self._firebase = firebase_app(settings) if settings.firebase_enabled else None
         self.open_loopback = self._admin_key is None and self._firebase is None
         if self.open_loopback:
             log.warning(

@@ -1,7 +1,9 @@
 """All settings of the server, read from the environment and `.env` (one pydantic-settings class).
 
-Every key here is listed with a comment in `.env.template`. Names kept from the Omi seed where they exist
-(`DATABASE_CHOICE`, `POSTGRES_URL`, `DEEPGRAM_API_KEY`, `HUGGINGFACE_TOKEN`, `ADMIN_KEY`, `HTTP_GET_TIMEOUT`).
+Every key here is listed with a comment in `.env.template`. Names kept from the Omi seed and its migration guide
+where they exist (`DATABASE_CHOICE`, `POSTGRES_URL`, `DEEPGRAM_API_KEY`, `HUGGINGFACE_TOKEN`, `ADMIN_KEY`,
+`SERVICE_ACCOUNT_JSON`, `HTTP_GET_TIMEOUT`, `HTTP_PUT_TIMEOUT`, models cached under `./pretrained_models`,
+`LAZY_MODELS`).
 """
 
 from __future__ import annotations
@@ -10,6 +12,9 @@ import datetime as dt
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
+
+import ipaddress
+import json
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -26,8 +31,14 @@ class Settings(BaseSettings):
 
     # --- auth ---
     admin_key: SecretStr | None = None
-    firebase_credentials: Path | None = None  # service-account JSON; enables Firebase ID token verification
+    firebase_credentials: Path | None = None  # service-account JSON file; enables Firebase ID token verification
+    # Omi's name: the service account's JSON text itself (or a path to it), as Omi's backend reads it
+    service_account_json: SecretStr | None = None
     firebase_project_id: str | None = None  # alternative to a credentials file (uses application default creds)
+    # Internal callers (Omi's backend calls /v1/speaker-identification?uid= with no user token): a shared secret
+    # sent as "X-Internal-Key", and/or networks (CIDRs) trusted as internal. Neither set: no internal callers.
+    internal_api_key: SecretStr | None = None
+    internal_networks: str = ""  # comma-separated CIDRs, e.g. "10.0.0.0/8,fd00::/8"; empty: none
 
     # --- models ---
     model_device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -40,6 +51,8 @@ class Settings(BaseSettings):
     # on CUDA). bf16: 1.7x faster a window, cosine >= 0.995 to fp32; what it costs in agreement: speaker.py
     speaker_precision: Literal["auto", "float32", "bfloat16"] = "auto"
     lazy_models: bool = False  # load models on first use instead of at start-up
+    # Where Hugging Face models (pyannote, speechbrain) are downloaded to and found again (Omi: ./pretrained_models)
+    model_cache_dir: Path = Path("pretrained_models")
     # torch intra-op threads per model call (0: torch's default, one per core). 1 on CPU: under many streams the
     # parallelism comes from batching and threads, and idle OpenMP threads spin (bench/RESULTS.md: 40% less CPU).
     torch_threads: int = Field(default=1, ge=0)
@@ -77,12 +90,12 @@ class Settings(BaseSettings):
     # --- connections and uploads ---
     max_upload_mb: float = 100.0
     max_upload_seconds: float = 4 * 3600.0
-    idle_timeout_s: float = 30.0
+    idle_timeout_s: float = 90.0  # no message at all (audio, keepalive, text) for this long closes 1001 (Omi: 90)
     min_conversation_timeout_s: int = 120  # Omi's minimum for the conversation_timeout parameter
     heartbeat_s: float = 10.0
     max_frame_bytes: int = 64 * 1024
     max_streams: int = 200
-    max_streams_per_user: int = 1  # as Omi: a user's newest stream replaces the oldest beyond this
+    max_streams_per_user: int = Field(default=0, ge=0)  # 0: no limit (as Omi); else the newest replaces the oldest
     ws_send_queue_max: int = Field(default=256, gt=0)  # messages queued for a client that is not reading them
     ws_slow_client_timeout_s: float = Field(default=30.0, gt=0)  # a send stuck this long closes the client
     shutdown_grace_s: float = Field(default=20.0, ge=0)  # SIGTERM: streams get this long to finish and close
@@ -92,8 +105,16 @@ class Settings(BaseSettings):
     storage_retry_on_close_s: float = Field(default=30.0, ge=0)  # a stream's end waits this long for storage
     storage_write_timeout_s: float = Field(default=10.0, gt=0)  # a segment write slower than this counts as failed
 
+    # --- conversation summaries (an OpenAI-compatible chat API; empty LLM_BASE_URL: the offline plain summary) ---
+    llm_base_url: str | None = None  # e.g. http://127.0.0.1:11434/v1 (Ollama), https://api.openai.com/v1
+    llm_model: str = "gpt-4o-mini"
+    llm_api_key: SecretStr | None = None
+    llm_timeout_s: float = Field(default=60.0, gt=0)
+    llm_max_transcript_chars: int = Field(default=48000, gt=0)  # longer transcripts are cut (middle elided)
+
     # --- misc from the seed ---
     http_get_timeout: float = 30.0
+    http_put_timeout: float = 300.0  # outgoing uploads (webhooks with audio); Omi's HTTP_PUT_TIMEOUT
     log_level: str = "INFO"
 
     # --- scheduled jobs ---
@@ -113,6 +134,7 @@ class Settings(BaseSettings):
             self.stt_backend = "deepgram" if self.deepgram_api_key else "local"
         if self.vad_offset > self.vad_onset:
             raise ValueError("VAD_OFFSET must not exceed VAD_ONSET (hysteresis)")
+        self.internal_network_list()  # a malformed INTERNAL_NETWORKS fails at start, not on the first call
         return self
 
     @property
@@ -127,7 +149,24 @@ class Settings(BaseSettings):
 
     @property
     def firebase_enabled(self) -> bool:
-        return self.firebase_credentials is not None or self.firebase_project_id is not None
+        return (self.firebase_credentials is not None or self.service_account_json is not None
+                or self.firebase_project_id is not None)
+
+    def firebase_certificate(self) -> dict | str | None:
+        """What `firebase_admin.credentials.Certificate` takes: SERVICE_ACCOUNT_JSON's parsed JSON (or its path),
+        else FIREBASE_CREDENTIALS' path; None: application default credentials."""
+        if self.service_account_json is not None:
+            raw = self.service_account_json.get_secret_value().strip()
+            if raw.startswith("{"):
+                try:
+                    return json.loads(raw)
+                except ValueError:
+                    raise ValueError("SERVICE_ACCOUNT_JSON is not valid JSON") from None
+            return raw
+        return str(self.firebase_credentials) if self.firebase_credentials is not None else None
+
+    def internal_network_list(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        return [ipaddress.ip_network(n.strip(), strict=False) for n in self.internal_networks.split(",") if n.strip()]
 
     def resolved_device(self) -> str:
         if self.model_device != "auto":

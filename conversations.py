@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from storage import Storage
 from storage.base import Conversation, Segment
+from summaries import PlainSummarizer, Summarizer
 
 if TYPE_CHECKING:
     from streaming.pipeline import Pipeline
@@ -32,39 +33,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MERGE_GAP_S = 1.0  # consecutive segments of one speaker closer than this become one (Omi merges the same way)
-TITLE_MAX_CHARS = 80
 
 Listener = Callable[[dict[str, Any]], Awaitable[None]]
-
-
-@dataclass(frozen=True)
-class Summary:
-    title: str
-    overview: str
-
-
-class Summarizer(ABC):
-    """Makes a title and overview of a finished conversation. An LLM summariser can implement this later."""
-
-    @abstractmethod
-    async def summarize(self, conversation: Conversation, segments: list[Segment]) -> Summary: ...
-
-
-class PlainSummarizer(Summarizer):
-    """No LLM: the first sentence as the title; word count, speakers and duration as the overview."""
-
-    async def summarize(self, conversation: Conversation, segments: list[Segment]) -> Summary:
-        text = " ".join(s.text for s in segments).strip()
-        first = re.split(r"(?<=[.!?])\s", text, maxsplit=1)[0]
-        title = first if len(first) <= TITLE_MAX_CHARS else first[: TITLE_MAX_CHARS - 1].rsplit(" ", 1)[0] + "…"
-        speakers = sorted({s.speaker for s in segments})
-        people = {s.person_id for s in segments if s.person_id}
-        minutes = max(s.end for s in segments) / 60 if segments else 0.0
-        user_words = sum(len(s.text.split()) for s in segments if s.is_user)
-        overview = (f"{len(text.split())} words in {minutes:.1f} min, {len(speakers)} speaker"
-                    f"{'s' if len(speakers) != 1 else ''}" + (f", {len(people)} known" if people else "")
-                    + (f"; you said {user_words} words" if user_words else "") + ".")
-        return Summary(title=title, overview=overview)
 
 
 def merge_segments(segments: list[Segment]) -> list[Segment]:

@@ -95,7 +95,9 @@ class ChannelNotifier(Notifier):
         if not (user.webhook_url or "").lower().startswith(("http://", "https://")):
             raise NotificationError(f"webhook {where}: not an http(s) URL")
         if self._http is None:
-            self._http = httpx.AsyncClient(timeout=self.settings.http_get_timeout, follow_redirects=False)
+            # HTTP_GET_TIMEOUT for connecting and answers, HTTP_PUT_TIMEOUT for sending the body (Omi's two names)
+            timeout = httpx.Timeout(self.settings.http_get_timeout, write=self.settings.http_put_timeout)
+            self._http = httpx.AsyncClient(timeout=timeout, follow_redirects=False)
         try:
             response = await self._http.post(user.webhook_url, json={"title": title, "body": body, "uid": user.uid})
         except httpx.HTTPError as exc:  # the message may hold the full URL: keep only the type
@@ -106,16 +108,9 @@ class ChannelNotifier(Notifier):
     def _firebase(self):
         """The firebase-admin app (the default one, as auth.py initialises it), created here if missing."""
         if self._firebase_app is None:
-            import firebase_admin
-            from firebase_admin import credentials
+            from auth import firebase_app
 
-            try:
-                self._firebase_app = firebase_admin.get_app()
-            except ValueError:
-                path = self.settings.firebase_credentials
-                cred = credentials.Certificate(str(path)) if path else None
-                project = self.settings.firebase_project_id
-                self._firebase_app = firebase_admin.initialize_app(cred, {"projectId": project} if project else None)
+            self._firebase_app = firebase_app(self.settings)
         return self._firebase_app
 
     async def aclose(self) -> None:

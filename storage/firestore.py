@@ -95,19 +95,13 @@ class FirestoreStorage(Storage):
 
     @classmethod
     def from_settings(cls, settings: Any) -> FirestoreStorage:
-        """The firebase-admin default app's async client (the app is created from FIREBASE_CREDENTIALS /
-        FIREBASE_PROJECT_ID, or application default credentials, unless auth.py already made it)."""
-        import firebase_admin
-        from firebase_admin import credentials, firestore_async
+        """The firebase-admin default app's async client (the app is created from SERVICE_ACCOUNT_JSON,
+        FIREBASE_CREDENTIALS or FIREBASE_PROJECT_ID, or application default credentials, unless auth.py already made it)."""
+        from firebase_admin import firestore_async
 
-        try:
-            app = firebase_admin.get_app()
-        except ValueError:
-            path = settings.firebase_credentials
-            cred = credentials.Certificate(str(path)) if path else None
-            project = settings.firebase_project_id
-            app = firebase_admin.initialize_app(cred, {"projectId": project} if project else None)
-        return cls(firestore_async.client(app))
+        from auth import firebase_app
+
+        return cls(firestore_async.client(firebase_app(settings)))
 
     def __repr__(self) -> str:
         return f"FirestoreStorage(open={self._open})"
