@@ -12,13 +12,15 @@ from __future__ import annotations
 import time
 import uuid
 from abc import ABC, abstractmethod
+from collections.abc import Collection
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 
 ProfileKind = Literal["user", "person"]
 ConversationStatus = Literal["in_progress", "processing", "completed", "discarded"]
+CONVERSATION_STATUSES: frozenset[str] = frozenset(get_args(ConversationStatus))
 
 
 @dataclass
@@ -43,6 +45,10 @@ class Conversation:
     duration_s: float = 0.0  # seconds of conversation time so far (where a continued stream's times resume)
     title: str | None = None
     overview: str | None = None
+    emoji: str | None = None
+    category: str | None = None  # one of Omi's categories ("other", "work", ...), from the summary
+    action_items: list[dict] = field(default_factory=list)  # [{"description": str, "completed": bool}]
+    events: list[dict] = field(default_factory=list)  # Omi's calendar events: [{title, start (ISO), duration, ...}]
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 
@@ -135,8 +141,13 @@ class Storage(ABC):
 
     @abstractmethod
     async def list_conversations(self, uid: str, status: ConversationStatus | None = None, limit: int = 50,
-                                 before: float | None = None) -> list[Conversation]:
-        """Newest first (by started_at); `before`: only those started earlier (paging)."""
+                                 before: float | None = None, *, statuses: Collection[str] | None = None,
+                                 offset: int = 0, include_discarded: bool = True, started_from: float | None = None,
+                                 started_to: float | None = None) -> list[Conversation]:
+        """Newest first (by started_at, then id descending), `offset` skipped, at most `limit`. Filters, all
+        combined: `status` (one) and `statuses` (any of them; empty: none match); `include_discarded=False` leaves out
+        status "discarded"; `before`: started earlier (exclusive, paging); `started_from` / `started_to`: started in
+        that range (inclusive, Omi's start_date / end_date)."""
 
     @abstractmethod
     async def conversations_to_close(self, now: float, limit: int = 100) -> list[Conversation]:
@@ -160,6 +171,19 @@ class Storage(ABC):
     async def list_segments(self, uid: str, conversation_id: str) -> list[Segment]:
         """In time order."""
 
+    async def relabel_segments(self, uid: str, conversation_id: str, segment_ids: Collection[str], *, is_user: bool,
+                               person_id: str | None) -> list[Segment]:
+        """Sets `is_user` and `person_id` of this conversation's segments with these ids (other ids are ignored, as
+        Omi's assign-bulk does). Returns all the conversation's segments after. A read and an upsert: a segment the
+        live stream rewrites meanwhile keeps the later write, as any two upserts of one id do."""
+        segments = await self.list_segments(uid, conversation_id)
+        wanted = set(segment_ids)
+        changed = [s for s in segments if s.id in wanted]
+        for seg in changed:
+            seg.is_user, seg.person_id = is_user, person_id
+        await self.upsert_segments(uid, changed)
+        return segments
+
     # -- a conversation's speaker clusters (so labels survive a reconnect) ------------------------------------------
 
     @abstractmethod
@@ -181,3 +205,15 @@ class Storage(ABC):
     @abstractmethod
     async def last_job_runs(self) -> dict[str, dict]:
         """job → {"run_key", "owner", "ok", "detail", "finished_at"} of its latest finished run."""
+
+
+def status_filter(status: str | None, statuses: Collection[str] | None, include_discarded: bool) -> set[str] | None:
+    """The statuses a listing may return, from list_conversations' filters: None when any status will do."""
+    allowed: set[str] | None = None
+    if status is not None:
+        allowed = {status}
+    if statuses is not None:
+        allowed = set(statuses) if allowed is None else allowed & set(statuses)
+    if not include_discarded:
+        allowed = (set(CONVERSATION_STATUSES) if allowed is None else allowed) - {"discarded"}
+    return allowed

@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Collection, Iterable
 from typing import Any
 from urllib.parse import quote
 
@@ -53,13 +53,13 @@ import numpy as np
 from google.api_core import exceptions as gexc
 from google.cloud.firestore_v1 import FieldFilter, Query, async_transactional
 
-from storage.base import Conversation, ConversationStatus, Segment, SpeakerProfile, Storage, User
+from storage.base import Conversation, ConversationStatus, Segment, SpeakerProfile, Storage, User, status_filter
 
 MAX_BLOB_BYTES = 1_000_000  # Firestore: a document (all its fields) is at most 1 MiB
 _DELETE_PAGE = 400  # documents per delete batch (a batch writes at most 500)
 _IN_LIMIT = 30  # values in one `in` filter
 _CONVERSATION_FIELDS = ("id", "uid", "status", "language", "source", "started_at", "last_activity_at", "timeout_s",
-                        "finished_at", "duration_s", "title", "overview")
+                        "finished_at", "duration_s", "title", "overview", "emoji", "category", "action_items", "events")
 _CONVERSATION_FLOATS = ("started_at", "last_activity_at", "timeout_s", "duration_s")
 
 
@@ -73,7 +73,7 @@ def _field_override(group: str, field: str) -> dict:
 
 FIRESTORE_INDEXES: dict = {
     "indexes": [
-        {"collectionGroup": "conversations", "queryScope": "COLLECTION",  # list_conversations(status=...)
+        {"collectionGroup": "conversations", "queryScope": "COLLECTION",  # list_conversations(status(es)=...)
          "fields": [{"fieldPath": "status", "order": "ASCENDING"}, {"fieldPath": "started_at", "order": "DESCENDING"}]},
         {"collectionGroup": "conversations", "queryScope": "COLLECTION_GROUP",  # conversations_to_close
          "fields": [{"fieldPath": "status", "order": "ASCENDING"}, {"fieldPath": "close_at", "order": "ASCENDING"}]},
@@ -96,7 +96,8 @@ class FirestoreStorage(Storage):
     @classmethod
     def from_settings(cls, settings: Any) -> FirestoreStorage:
         """The firebase-admin default app's async client (the app is created from SERVICE_ACCOUNT_JSON,
-        FIREBASE_CREDENTIALS or FIREBASE_PROJECT_ID, or application default credentials, unless auth.py already made it)."""
+        FIREBASE_CREDENTIALS or FIREBASE_PROJECT_ID, or application default credentials, unless auth.py already
+        made it)."""
         from firebase_admin import firestore_async
 
         from auth import firebase_app
@@ -294,14 +295,22 @@ class FirestoreStorage(Storage):
         return _to_conversation(snap) if snap.exists else None
 
     async def list_conversations(self, uid: str, status: ConversationStatus | None = None, limit: int = 50,
-                                 before: float | None = None) -> list[Conversation]:
+                                 before: float | None = None, *, statuses: Collection[str] | None = None,
+                                 offset: int = 0, include_discarded: bool = True, started_from: float | None = None,
+                                 started_to: float | None = None) -> list[Conversation]:
         query = self._conversations(uid)
-        if status is not None:
-            query = query.where(filter=FieldFilter("status", "==", status))
-        if before is not None:
-            query = query.where(filter=FieldFilter("started_at", "<", float(before)))
-        query = query.order_by("started_at", direction=Query.DESCENDING).limit(int(limit))  # ties: id descending
-        return [_to_conversation(s) async for s in query.stream()]
+        allowed = status_filter(status, statuses, include_discarded)
+        if allowed is not None:
+            if not allowed:
+                return []
+            query = query.where(filter=FieldFilter("status", "in", sorted(allowed)))  # at most 4 values
+        for op, value in (("<", before), (">=", started_from), ("<=", started_to)):
+            if value is not None:
+                query = query.where(filter=FieldFilter("started_at", op, float(value)))
+        query = query.order_by("started_at", direction=Query.DESCENDING)  # ties: id descending
+        if offset:
+            query = query.offset(int(offset))  # Firestore still reads (and bills) the skipped documents
+        return [_to_conversation(s) async for s in query.limit(int(limit)).stream()]
 
     async def conversations_to_close(self, now: float, limit: int = 100) -> list[Conversation]:
         # close_at = last_activity_at + timeout_s, stored (Firestore filters on fields, not expressions). The due
@@ -489,6 +498,7 @@ def _chunks(items: list, size: int) -> Iterable[list]:
 
 def _conversation_doc(c: Conversation) -> dict:
     doc = {f: getattr(c, f) for f in _CONVERSATION_FIELDS}
+    doc["action_items"], doc["events"] = list(doc["action_items"]), list(doc["events"])
     for f in _CONVERSATION_FLOATS:
         doc[f] = float(doc[f])
     if doc["finished_at"] is not None:

@@ -13,14 +13,16 @@ The DSN is never logged nor kept in the repr (it may hold a password).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
 import time
+from collections.abc import Collection
 
 import asyncpg
 import numpy as np
 
-from storage.base import Conversation, ConversationStatus, Segment, SpeakerProfile, Storage, User
+from storage.base import Conversation, ConversationStatus, Segment, SpeakerProfile, Storage, User, status_filter
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +109,14 @@ MIGRATIONS: list[str] = [
     CREATE INDEX conversations_started ON conversations (started_at);
     CREATE INDEX job_runs_finished ON job_runs (job, finished_at DESC) WHERE finished_at IS NOT NULL;
     """,
+    # 3: a summary's emoji, category and action items, and Omi's calendar events (the app's `structured`)
+    """
+    ALTER TABLE conversations
+        ADD COLUMN emoji TEXT,
+        ADD COLUMN category TEXT,
+        ADD COLUMN action_items JSONB NOT NULL DEFAULT '[]'::jsonb,
+        ADD COLUMN events JSONB NOT NULL DEFAULT '[]'::jsonb;
+    """,
 ]
 
 # pg_advisory_xact_lock keys (one 64-bit space per database): migrations, and one user's user-profile enrolment
@@ -115,8 +125,9 @@ _USER_PROFILE_LOCK_NS = 0x6F6D_6955  # two-int form: (namespace, hashtext(uid))
 
 _SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 _CONVERSATION_FIELDS = ("id", "uid", "status", "language", "source", "started_at", "last_activity_at", "timeout_s",
-                        "finished_at", "duration_s", "title", "overview")
+                        "finished_at", "duration_s", "title", "overview", "emoji", "category", "action_items", "events")
 _CONVERSATION_FLOATS = {"started_at", "last_activity_at", "timeout_s", "duration_s"}
+_CONVERSATION_JSON = ("action_items", "events")  # jsonb: asyncpg sends and returns it as JSON text
 _NOW = "extract(epoch FROM clock_timestamp())"  # the database's clock: one clock for every replica's leases
 
 
@@ -297,6 +308,8 @@ class PostgresStorage(Storage):
         marks = ", ".join(f"${i}" for i in range(1, len(_CONVERSATION_FIELDS) + 1))
         updates = ", ".join(f"{f} = EXCLUDED.{f}" for f in _CONVERSATION_FIELDS if f not in ("id", "uid"))
         values = [float(getattr(c, f)) if f in _CONVERSATION_FLOATS else getattr(c, f) for f in _CONVERSATION_FIELDS]
+        for f in _CONVERSATION_JSON:
+            values[_CONVERSATION_FIELDS.index(f)] = json.dumps(getattr(c, f), ensure_ascii=False)
         if c.finished_at is not None:
             values[_CONVERSATION_FIELDS.index("finished_at")] = float(c.finished_at)
         saved = await self.pool.fetchval(
@@ -310,17 +323,23 @@ class PostgresStorage(Storage):
         return found[0] if found else None
 
     async def list_conversations(self, uid: str, status: ConversationStatus | None = None, limit: int = 50,
-                                 before: float | None = None) -> list[Conversation]:
+                                 before: float | None = None, *, statuses: Collection[str] | None = None,
+                                 offset: int = 0, include_discarded: bool = True, started_from: float | None = None,
+                                 started_to: float | None = None) -> list[Conversation]:
         where, args = ["uid = $1"], [uid]
-        if status is not None:
-            args.append(status)
-            where.append(f"status = ${len(args)}")
-        if before is not None:
-            args.append(float(before))
-            where.append(f"started_at < ${len(args)}")
-        args.append(int(limit))
+        allowed = status_filter(status, statuses, include_discarded)
+        if allowed is not None:
+            if not allowed:
+                return []
+            args.append(sorted(allowed))
+            where.append(f"status = ANY(${len(args)}::text[])")
+        for op, value in (("<", before), (">=", started_from), ("<=", started_to)):
+            if value is not None:
+                args.append(float(value))
+                where.append(f"started_at {op} ${len(args)}")
+        args += [int(limit), int(offset)]
         return await self._conversations(f"{' AND '.join(where)} ORDER BY started_at DESC, id DESC "
-                                         f"LIMIT ${len(args)}", *args)
+                                         f"LIMIT ${len(args) - 1} OFFSET ${len(args)}", *args)
 
     async def conversations_to_close(self, now: float, limit: int = 100) -> list[Conversation]:
         return await self._conversations(
@@ -330,7 +349,13 @@ class PostgresStorage(Storage):
     async def _conversations(self, where: str, *args: object) -> list[Conversation]:
         rows = await self.pool.fetch(f"SELECT {', '.join(_CONVERSATION_FIELDS)} FROM conversations WHERE {where}",
                                      *args)
-        return [Conversation(**dict(r)) for r in rows]
+        found = []
+        for r in rows:
+            fields = dict(r)
+            for f in _CONVERSATION_JSON:
+                fields[f] = json.loads(fields[f])
+            found.append(Conversation(**fields))
+        return found
 
     async def delete_conversation(self, uid: str, conversation_id: str) -> bool:
         status = await self.pool.execute("DELETE FROM conversations WHERE uid = $1 AND id = $2", uid,

@@ -4,15 +4,17 @@ shared across threads), so the event loop never blocks on disk."""
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 import time
+from collections.abc import Collection
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from storage.base import Conversation, ConversationStatus, Segment, SpeakerProfile, Storage, User
+from storage.base import Conversation, ConversationStatus, Segment, SpeakerProfile, Storage, User, status_filter
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS speaker_profiles (
@@ -53,7 +55,11 @@ CREATE TABLE IF NOT EXISTS conversations (
     finished_at REAL,
     duration_s REAL NOT NULL,
     title TEXT,
-    overview TEXT
+    overview TEXT,
+    emoji TEXT,
+    category TEXT,
+    action_items TEXT NOT NULL DEFAULT '[]',
+    events TEXT NOT NULL DEFAULT '[]'
 );
 CREATE INDEX IF NOT EXISTS conversations_uid ON conversations (uid, started_at);
 CREATE INDEX IF NOT EXISTS conversations_open ON conversations (status, last_activity_at);
@@ -88,7 +94,13 @@ CREATE TABLE IF NOT EXISTS job_runs (
 """
 
 _CONVERSATION_FIELDS = ("id", "uid", "status", "language", "source", "started_at", "last_activity_at", "timeout_s",
-                        "finished_at", "duration_s", "title", "overview")
+                        "finished_at", "duration_s", "title", "overview", "emoji", "category", "action_items", "events")
+_JSON_FIELDS = ("action_items", "events")  # lists of objects, stored as JSON text
+# Columns added after the first release: a database file made before gets them at open (CREATE TABLE IF NOT EXISTS
+# leaves an existing table as it was).
+_ADDED_COLUMNS = {"conversations": (("emoji", "TEXT"), ("category", "TEXT"),
+                                    ("action_items", "TEXT NOT NULL DEFAULT '[]'"),
+                                    ("events", "TEXT NOT NULL DEFAULT '[]'"))}
 _SEGMENT_FIELDS = ("id", "conversation_id", "text", "speaker", "speaker_id", "is_user", "person_id", "start", "end")
 
 
@@ -108,6 +120,11 @@ class SqliteStorage(Storage):
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA foreign_keys=ON")
             db.executescript(SCHEMA)
+            for table, columns in _ADDED_COLUMNS.items():
+                have = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+                for name, decl in columns:
+                    if name not in have:
+                        db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {decl}")
             self._db = db
 
         await self._run(connect)
@@ -217,20 +234,33 @@ class SqliteStorage(Storage):
     # -- conversations -------------------------------------------------------------------------------------------
 
     async def save_conversation(self, c: Conversation) -> None:
-        await self._run(self._upsert, "conversations", "id", {f: getattr(c, f) for f in _CONVERSATION_FIELDS})
+        row = {f: getattr(c, f) for f in _CONVERSATION_FIELDS}
+        for f in _JSON_FIELDS:
+            row[f] = json.dumps(row[f], ensure_ascii=False)
+        await self._run(self._upsert, "conversations", "id", row)
 
     async def get_conversation(self, uid: str, conversation_id: str) -> Conversation | None:
         found = await self._conversations("uid = ? AND id = ?", (uid, conversation_id))
         return found[0] if found else None
 
     async def list_conversations(self, uid: str, status: ConversationStatus | None = None, limit: int = 50,
-                                 before: float | None = None) -> list[Conversation]:
-        where, args = "uid = ?", [uid]
-        if status is not None:
-            where, args = where + " AND status = ?", [*args, status]
-        if before is not None:
-            where, args = where + " AND started_at < ?", [*args, before]
-        return await self._conversations(f"{where} ORDER BY started_at DESC LIMIT ?", (*args, limit))
+                                 before: float | None = None, *, statuses: Collection[str] | None = None,
+                                 offset: int = 0, include_discarded: bool = True, started_from: float | None = None,
+                                 started_to: float | None = None) -> list[Conversation]:
+        where, args = ["uid = ?"], [uid]
+        allowed = status_filter(status, statuses, include_discarded)
+        if allowed is not None:
+            if not allowed:
+                return []
+            where.append(f"status IN ({', '.join('?' * len(allowed))})")
+            args += sorted(allowed)
+        for clause, value in (("started_at < ?", before), ("started_at >= ?", started_from),
+                              ("started_at <= ?", started_to)):
+            if value is not None:
+                where.append(clause)
+                args.append(float(value))
+        return await self._conversations(f"{' AND '.join(where)} ORDER BY started_at DESC, id DESC LIMIT ? OFFSET ?",
+                                         (*args, int(limit), int(offset)))
 
     async def conversations_to_close(self, now: float, limit: int = 100) -> list[Conversation]:
         return await self._conversations(
@@ -240,7 +270,13 @@ class SqliteStorage(Storage):
     async def _conversations(self, where: str, args: tuple) -> list[Conversation]:
         rows = await self._run(self._read, f"SELECT {', '.join(_CONVERSATION_FIELDS)} FROM conversations "
                                f"WHERE {where}", args)
-        return [Conversation(**dict(zip(_CONVERSATION_FIELDS, r, strict=True))) for r in rows]
+        found = []
+        for r in rows:
+            fields = dict(zip(_CONVERSATION_FIELDS, r, strict=True))
+            for f in _JSON_FIELDS:
+                fields[f] = json.loads(fields[f])
+            found.append(Conversation(**fields))
+        return found
 
     async def delete_conversation(self, uid: str, conversation_id: str) -> bool:
         return await self._run(self._write, "DELETE FROM conversations WHERE uid = ? AND id = ?",

@@ -14,9 +14,9 @@ Supported calls:
   `await .update(data)` (NotFound; dotted keys are field paths), `await .delete()` (no error when missing).
 - collection references and queries: `.document(id=None)`, `.where(filter=FieldFilter(...))` or
   `.where(field, op, value)` with ==, <, <=, >, >=, in (at most 30 values), `.order_by(field, direction=)`,
-  `.limit(n)`, `.stream(transaction=)` (an async iterator), `await .get(transaction=)`. Firestore's query rules
-  that matter: a document lacking a filtered or ordered field is not returned; comparisons only match values of
-  the same type class (numbers with numbers, strings with strings...); results are ordered by the order_by
+  `.limit(n)`, `.offset(n)`, `.stream(transaction=)` (an async iterator), `await .get(transaction=)`. Firestore's
+  query rules that matter: a document lacking a filtered or ordered field is not returned; comparisons only match
+  values of the same type class (numbers with numbers, strings with strings...); results are ordered by the order_by
   fields, then by the inequality fields, then by document name in the last order's direction; the first
   order_by of a query with an inequality filter must be on an inequality field.
 - snapshots: `.exists`, `.id`, `.reference`, `.to_dict()` (a copy, None when missing), `.get(field)`.
@@ -219,14 +219,14 @@ class FakeDocumentReference:
 
 class FakeQuery:
     def __init__(self, client: FakeAsyncClient, parent: tuple[str, ...] | None = None, group: str | None = None,
-                 filters: tuple = (), orders: tuple = (), limit: int | None = None) -> None:
+                 filters: tuple = (), orders: tuple = (), limit: int | None = None, offset: int = 0) -> None:
         self._client = client
         self._parent, self._group = parent, group  # a collection's path, or a collection group's id
-        self._filters, self._orders, self._limit = filters, orders, limit
+        self._filters, self._orders, self._limit, self._offset = filters, orders, limit, offset
 
     def _with(self, **changes: Any) -> FakeQuery:
         fields = {"parent": self._parent, "group": self._group, "filters": self._filters, "orders": self._orders,
-                  "limit": self._limit, **changes}
+                  "limit": self._limit, "offset": self._offset, **changes}
         return FakeQuery(self._client, **fields)
 
     def where(self, field_path: str | None = None, op_string: str | None = None, value: Any = None, *,
@@ -249,6 +249,9 @@ class FakeQuery:
 
     def limit(self, count: int) -> FakeQuery:
         return self._with(limit=int(count))
+
+    def offset(self, num_to_skip: int) -> FakeQuery:
+        return self._with(offset=int(num_to_skip))
 
     async def stream(self, transaction: FakeTransaction | None = None) -> AsyncIterator[FakeDocumentSnapshot]:
         self._client._check_read(transaction)
@@ -283,6 +286,7 @@ class FakeQuery:
             return 0
 
         matched.sort(key=functools.cmp_to_key(compare))
+        matched = matched[self._offset:]  # Firestore skips the offset first, then applies the limit
         if self._limit is not None:
             matched = matched[:self._limit]
         return [FakeDocumentSnapshot(FakeDocumentReference(self._client, parts), copy.deepcopy(data))

@@ -286,11 +286,22 @@ async def test_conversation_round_trip_and_update(store: Storage) -> None:
     assert await store.get_conversation("b", c.id) is None
     assert await store.get_conversation("a", "nope") is None
 
+    assert (c.emoji, c.category, c.action_items, c.events) == (None, None, [], [])
     c.status, c.finished_at, c.duration_s, c.title, c.overview = "completed", T0 + 99.25, 98.5, "Title", "About"
     c.last_activity_at = T0 + 90.125
+    c.emoji, c.category = "🚀", "work"  # the summary's, with Omi's structured fields
+    c.action_items = [{"description": "Send the draft to Ann — today", "completed": False},
+                      {"description": "Book the room", "completed": True}]
+    c.events = [{"title": "Launch", "start": "2024-05-01T09:30:00+00:00", "duration": 45, "description": "",
+                 "created": False}]
     await store.save_conversation(c)
     assert await store.get_conversation("a", c.id) == c
     assert await store.list_conversations("a") == [c]
+
+    c.action_items[0]["completed"] = True  # a list is replaced as a whole on save
+    c.events = []
+    await store.save_conversation(c)
+    assert await store.get_conversation("a", c.id) == c
 
 
 async def test_updating_a_conversation_keeps_its_segments_and_speaker_state(store: Storage, request) -> None:
@@ -336,6 +347,44 @@ async def test_list_conversations_newest_first_with_filter_limit_and_paging(stor
         before = page[-1].started_at
     assert pages == [newest_first[:2], newest_first[2:4], newest_first[4:]]
     assert len(await store.list_conversations("b")) == 1
+
+
+async def test_list_conversations_omi_filters_offset_and_date_range(store: Storage) -> None:
+    kinds = ["in_progress", "processing", "completed", "discarded", "completed", "discarded", "completed"]
+    convs = [conversation("a", started=T0 + 10 * i, status=k) for i, k in enumerate(kinds)]
+    twin = conversation("a", started=T0 + 60, status="completed", id="~" + convs[6].id)  # same time: id decides
+    for c in (*reversed(convs), twin):
+        await store.save_conversation(c)
+    await store.save_conversation(conversation("b", started=T0 + 15, status="completed"))
+
+    ids = lambda cs: [c.id for c in cs]  # noqa: E731
+    by_index = lambda *ix: [convs[i].id for i in ix]  # noqa: E731
+    everything = [twin.id, *by_index(6, 5, 4, 3, 2, 1, 0)]  # newest first; equal starts by id descending
+    assert ids(await store.list_conversations("a")) == everything
+    assert ids(await store.list_conversations("a", statuses=["completed", "processing"])) == \
+        [twin.id, *by_index(6, 4, 2, 1)]
+    assert ids(await store.list_conversations("a", statuses=["completed", "discarded"], include_discarded=False)) == \
+        [twin.id, *by_index(6, 4, 2)]
+    assert ids(await store.list_conversations("a", include_discarded=False)) == [twin.id, *by_index(6, 4, 2, 1, 0)]
+    assert await store.list_conversations("a", statuses=[]) == []
+    assert await store.list_conversations("a", statuses=["failed"]) == []  # a status we never store
+    assert ids(await store.list_conversations("a", status="completed", statuses=["completed", "discarded"])) == \
+        [twin.id, *by_index(6, 4, 2)]
+    assert await store.list_conversations("a", status="discarded", include_discarded=False) == []
+
+    assert ids(await store.list_conversations("a", offset=2, limit=3)) == everything[2:5]
+    assert ids(await store.list_conversations("a", offset=7, limit=3)) == everything[7:]
+    assert await store.list_conversations("a", offset=8) == []
+    pages = [ids(await store.list_conversations("a", offset=o, limit=3)) for o in range(0, 9, 3)]
+    assert sum(pages, []) == everything
+
+    assert ids(await store.list_conversations("a", started_from=T0 + 20, started_to=T0 + 40)) == by_index(4, 3, 2)
+    assert ids(await store.list_conversations("a", started_from=T0 + 55)) == [twin.id, convs[6].id]
+    assert ids(await store.list_conversations("a", started_to=T0 + 10)) == by_index(1, 0)
+    assert ids(await store.list_conversations("a", statuses=["completed"], started_from=T0 + 15, started_to=T0 + 60,
+                                              before=T0 + 60, offset=1, limit=5)) == by_index(2)
+    assert ids(await store.list_conversations("b", statuses=["completed"])) != []
+    assert await store.list_conversations("b", started_from=T0 + 16) == []
 
 
 async def test_conversations_to_close_by_timeout_across_users(store: Storage) -> None:
@@ -428,6 +477,29 @@ async def test_upsert_segments_refuses_another_users_conversation(store: Storage
     assert await store.list_segments("a", ca.id) == []
     assert await store.list_segments("b", cb.id) == []
     assert await store.list_segments("b", ca.id) == []
+
+
+async def test_relabel_segments_by_id(store: Storage) -> None:
+    c, other = conversation("a"), conversation("a", started=T0 + 5)
+    for conv in (c, other):
+        await store.save_conversation(conv)
+    s1, s2, s3 = (segment(c.id, f"r{i}", float(i), text=f"t{i}", person_id="p-old") for i in range(3))
+    theirs = segment(other.id, "r-other", 0.0)
+    await store.upsert_segments("a", [s1, s2, s3])
+    await store.upsert_segments("a", [theirs])
+
+    after = await store.relabel_segments("a", c.id, ["r0", "r2", "r-other", "nope"], is_user=True, person_id=None)
+    assert [(s.id, s.is_user, s.person_id) for s in after] == [("r0", True, None), ("r1", False, "p-old"),
+                                                                ("r2", True, None)]
+    assert await store.list_segments("a", c.id) == after
+    assert (s1.text, s1.start, s1.end) == (after[0].text, after[0].start, after[0].end)  # only the labels change
+    assert await store.list_segments("a", other.id) == [theirs]  # another conversation's segment is not touched
+
+    after = await store.relabel_segments("a", c.id, ["r2"], is_user=False, person_id="p-new")
+    assert [(s.id, s.is_user, s.person_id) for s in after] == [("r0", True, None), ("r1", False, "p-old"),
+                                                                ("r2", False, "p-new")]
+    assert await store.relabel_segments("b", c.id, ["r0"], is_user=False, person_id="x") == []  # not b's
+    assert (await store.list_segments("a", c.id))[0].is_user is True
 
 
 async def test_upserting_a_segment_id_of_another_user_is_refused(store: Storage, request) -> None:
@@ -623,6 +695,7 @@ async def test_postgres_schema_enforces_ownership(pg_schema: str) -> None:
         assert types[("speaker_embeddings", "vector")] == types[("speaker_states", "state")] == "bytea"
         assert types[("segments", "is_user")] == types[("job_runs", "ok")] == "boolean"
         assert types[("conversations", "started_at")] == "double precision"
+        assert types[("conversations", "action_items")] == types[("conversations", "events")] == "jsonb"
     finally:
         await store.close()
 
@@ -698,3 +771,36 @@ def socket_port():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     yield port
+
+
+# -- SQLite only: a database file made before the structured columns -------------------------------------------------
+
+
+async def test_sqlite_file_from_an_older_release_gains_the_new_columns(tmp_path: Path) -> None:
+    import sqlite3
+
+    from storage.sqlite import SqliteStorage
+
+    path = tmp_path / "old.sqlite3"
+    with sqlite3.connect(path) as db:  # the conversations table as the first release made it
+        db.execute("CREATE TABLE conversations (id TEXT PRIMARY KEY, uid TEXT NOT NULL, status TEXT NOT NULL, "
+                   "language TEXT NOT NULL, source TEXT NOT NULL, started_at REAL NOT NULL, "
+                   "last_activity_at REAL NOT NULL, timeout_s REAL NOT NULL, finished_at REAL, "
+                   "duration_s REAL NOT NULL, title TEXT, overview TEXT)")
+        db.execute("INSERT INTO conversations VALUES ('old', 'a', 'completed', 'en', 'omi', ?, ?, 120, ?, 5, "
+                   "'Old', 'kept')", (T0, T0, T0 + 9))
+    store = SqliteStorage(path)
+    await store.open()
+    try:
+        old = await store.get_conversation("a", "old")
+        assert (old.title, old.emoji, old.category, old.action_items, old.events) == ("Old", None, None, [], [])
+        old.emoji, old.action_items = "🧠", [{"description": "x", "completed": False}]
+        await store.save_conversation(old)
+    finally:
+        await store.close()
+    again = SqliteStorage(path)  # migrated once: nothing left to do, nothing lost
+    await again.open()
+    try:
+        assert await again.get_conversation("a", "old") == old
+    finally:
+        await again.close()
