@@ -1,8 +1,11 @@
-"""Who may call: `auth.Authenticator` rules as units, then a real server process with ADMIN_KEY set, over WebSocket.
+"""Who may call: `auth.Authenticator` rules as units (user credentials, both admin-key forms, internal callers), then a
+real server process with ADMIN_KEY set, over WebSocket. Internal callers on a real server: tests/test_omi_profiles.py.
 
 Firebase ID-token verification needs Google's public keys over the network, so it is not exercised here."""
 
 from __future__ import annotations
+
+import contextlib
 
 import pytest
 from conftest import silence_frames, start_server, stop_server, stream_frames
@@ -13,9 +16,9 @@ from config import Settings
 ADMIN_KEY = "adm-secret-xyz"
 
 
-def authenticator(admin_key: str | None = None) -> Authenticator:
+def authenticator(admin_key: str | None = None, **settings) -> Authenticator:
     return Authenticator(Settings(_env_file=None, admin_key=admin_key, firebase_credentials=None,
-                                  firebase_project_id=None))
+                                  firebase_project_id=None, **settings))
 
 
 # --- loopback mode (no ADMIN_KEY, no Firebase) -----------------------------------------------------------------------
@@ -63,10 +66,33 @@ def test_is_loopback():
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "10.1.2.3", "2001:db8::1"])
-async def test_admin_key_acts_for_uid(host):
+@pytest.mark.parametrize("header", [
+    f"{ADMIN_KEY}user42",  # bare: Omi's older backend, and ours so far
+    f"Bearer {ADMIN_KEY}user42",  # Omi's current backend: the second part starts with the key
+    f"bearer {ADMIN_KEY}user42",
+    f"  Bearer {ADMIN_KEY}user42 ",
+])
+async def test_admin_key_acts_for_uid(host, header):
     auth = authenticator(ADMIN_KEY)
     assert not auth.open_loopback
-    assert await auth.uid_for(f"{ADMIN_KEY}user42", host) == "user42"
+    assert await auth.uid_for(header, host) == "user42"
+    caller = await auth.caller(header, host)
+    assert caller.admin and not caller.internal
+
+
+@pytest.mark.parametrize("header", [ADMIN_KEY, f"Bearer {ADMIN_KEY}"])
+async def test_admin_key_alone_acts_for_nobody(header):
+    caller = await authenticator(ADMIN_KEY).caller(header, "10.1.2.3")
+    assert caller.admin and caller.uid is None
+    with pytest.raises(AuthError):
+        await authenticator(ADMIN_KEY).uid_for(header, "10.1.2.3")
+
+
+async def test_empty_admin_key_is_no_key():
+    auth = authenticator("")
+    assert auth.open_loopback
+    with pytest.raises(AuthError):
+        await auth.uid_for("user42", "127.0.0.1")
 
 
 @pytest.mark.parametrize("header", [
@@ -78,7 +104,12 @@ async def test_admin_key_acts_for_uid(host):
     f"{ADMIN_KEY} user42",  # uid with a space
     f"{ADMIN_KEY}" + "u" * 300,  # uid too long
     "Bearer x",  # no loopback fallback once auth is configured
-    f"Bearer {ADMIN_KEY}user42",
+    "Bearer adm-secret-abcuser42",  # Bearer form, wrong key
+    f"Bearer {ADMIN_KEY} user42",  # three parts
+    f"Bearer x {ADMIN_KEY}user42",
+    f"Bearer {ADMIN_KEY}bad/uid",
+    f"Bearer {ADMIN_KEY[:-1]}",
+    "Bearer é" + ADMIN_KEY,
     "é" * 20,  # non-ASCII (headers arrive latin-1 decoded): refused, not a TypeError
     ADMIN_KEY[:-1] + "é" + "user42",
 ])
@@ -91,6 +122,54 @@ async def test_admin_key_refusals_never_echo_credentials(header):
     assert header not in message
     for secret_part in ("secret", "xyz", "user42", "abc"):
         assert secret_part not in message
+
+
+# --- internal callers (Omi's backend without user credentials) ----------------------------------------------------
+
+INTERNAL_KEY = "int-key-7d1e9a"
+
+
+def test_nothing_is_internal_without_configuration():
+    auth = authenticator(ADMIN_KEY)
+    assert not auth.internal_configured
+    for host in ("127.0.0.1", "10.1.2.3", None):
+        assert not auth.internal({"x-internal-key": INTERNAL_KEY}, host)
+        assert not auth.internal({}, host)
+
+
+@pytest.mark.parametrize("headers, internal", [
+    ({"x-internal-key": INTERNAL_KEY}, True),
+    ({"x-internal-key": INTERNAL_KEY + "x"}, False),
+    ({"x-internal-key": INTERNAL_KEY[:-1]}, False),
+    ({"x-internal-key": INTERNAL_KEY.upper()}, False),
+    ({"x-internal-key": ""}, False),
+    ({"x-internal-key": "é" * 10}, False),
+    ({"authorization": INTERNAL_KEY}, False),
+    ({}, False),
+])
+def test_internal_by_key(headers, internal):
+    auth = authenticator(ADMIN_KEY, internal_api_key=INTERNAL_KEY)
+    assert auth.internal_configured
+    assert auth.internal(headers, "203.0.113.9") is internal
+    assert auth.internal(headers, "127.0.0.1") is internal  # no network configured: the address does not count
+
+
+@pytest.mark.parametrize("host, internal", [
+    ("10.1.2.3", True),
+    ("10.255.255.255", True),
+    ("::ffff:10.1.2.3", True),  # an IPv4 client on a dual-stack socket
+    ("fd00::1", True),
+    ("11.1.2.3", False),
+    ("127.0.0.1", False),
+    ("2001:db8::1", False),
+    ("testclient", False),
+    ("", False),
+    (None, False),
+])
+def test_internal_by_network(host, internal):
+    auth = authenticator(ADMIN_KEY, internal_networks="10.0.0.0/8, fd00::/8")
+    assert auth.internal({}, host) is internal
+    assert auth.internal({"x-internal-key": "anything"}, host) is internal
 
 
 # --- a real server with ADMIN_KEY, over WebSocket ------------------------------------------------------------------
@@ -111,21 +190,30 @@ def _listen(server) -> str:
     {},
     {"Authorization": "adm-secret-abcuser42"},
     {"Authorization": "Bearer someone"},
-    {"Authorization": f"Bearer {ADMIN_KEY}user42"},
+    {"Authorization": "Bearer adm-secret-abcuser42"},
+    {"Authorization": f"Bearer {ADMIN_KEY}"},
     {"Authorization": "ééééééééééééééééé"},
-], ids=["none", "wrong-key", "bearer-uid", "bearer-key", "non-ascii"])
-async def test_websocket_refusals_close_1008(admin_server, headers):
-    result = await stream_frames(_listen(admin_server), [], headers=headers, close=False, timeout_s=10)
-    assert result.close_code == 1008, (result.close_code, result.events)
-    errors = result.errors()
-    assert [e["code"] for e in errors] == ["unauthorized"], result.events
-    assert ADMIN_KEY not in errors[0]["message"] and ADMIN_KEY not in result.close_reason
-    assert "ready" not in result.statuses()
+], ids=["none", "wrong-key", "bearer-uid", "bearer-wrong-key", "bearer-key-no-uid", "non-ascii"])
+async def test_websocket_refusals(admin_server, headers):
+    """Refused before any message: HTTP 401/403 at the upgrade (a close before accept under uvicorn), or a close
+    with 1008/4001/4004 after it (what Omi's own listen tests accept); the credential is never echoed."""
+    from websockets.exceptions import InvalidStatus
+
+    try:
+        result = await stream_frames(_listen(admin_server), [], headers=headers, close=False, timeout_s=10)
+    except InvalidStatus as exc:
+        assert exc.response.status_code in (401, 403)
+        assert ADMIN_KEY.encode() not in (exc.response.body or b"")
+        return
+    assert result.close_code in (1008, 4001, 4004), (result.close_code, result.events)
+    assert all(e.get("type") == "error" for e in result.events), result.events
+    assert all(ADMIN_KEY not in e.get("message", "") for e in result.events)
+    assert ADMIN_KEY not in result.close_reason and not result.segments
 
 
-async def test_websocket_admin_key_streams(admin_server):
-    result = await stream_frames(_listen(admin_server), silence_frames(1.0),
-                                 headers={"Authorization": f"{ADMIN_KEY}user42"},
+@pytest.mark.parametrize("authorization", [f"{ADMIN_KEY}user42", f"Bearer {ADMIN_KEY}user42"], ids=["bare", "bearer"])
+async def test_websocket_admin_key_streams(admin_server, authorization):
+    result = await stream_frames(_listen(admin_server), silence_frames(1.0), headers={"Authorization": authorization},
                                  until=lambda r: "ready" in r.statuses(), timeout_s=30)
     assert "ready" in result.statuses(), result.events
     assert result.errors() == []
@@ -134,8 +222,11 @@ async def test_websocket_admin_key_streams(admin_server):
 
 async def test_server_log_never_holds_the_admin_key(admin_server):
     # Run after the streams above (same module server); make sure the log has content to look through.
-    await stream_frames(_listen(admin_server), [], headers={"Authorization": "adm-secret-abcuser42"}, close=False,
-                        timeout_s=10)
+    from websockets.exceptions import InvalidStatus
+
+    with contextlib.suppress(InvalidStatus):  # refused at the upgrade, or closed after it
+        await stream_frames(_listen(admin_server), [], headers={"Authorization": "adm-secret-abcuser42"},
+                            close=False, timeout_s=10)
     log = admin_server.log()
     assert "uid=user42" in log  # the accepted stream was logged (with its uid, not the credential)
     assert ADMIN_KEY not in log
