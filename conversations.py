@@ -4,8 +4,9 @@
   segment times continue where it left off), else start a new one.
 - Every final segment is persisted before it is sent to the client.
 - `timeout_s` after the last speech a conversation is closed: status `processing`, then `completed` (or
-  `discarded` when it has no speech), with its segments merged and a title and overview made without an LLM.
-  Connected clients of that user get `memory_processing_started` and `memory_created`. The sweep job closes the
+  `discarded` when it has no speech) with the summary of its merged segments (title, overview, emoji, category,
+  action items). Connected clients of that user get `memory_processing_started` and `memory_created`, the
+  conversation in Omi's shape (`conversation_wire`). The sweep job closes the
   conversations whose client went away, so none stays `in_progress` until the user reconnects.
 
 `ConversationService` is shared (one per app) and holds no per-stream state, only the registry of which
@@ -15,14 +16,12 @@ connections of a user are listening for conversation events.
 from __future__ import annotations
 
 import logging
-import re
 import time
-from abc import ABC, abstractmethod
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from conversation_wire import memory_event, wire_source
 from storage import Storage
 from storage.base import Conversation, Segment
 from summaries import PlainSummarizer, Summarizer
@@ -48,20 +47,6 @@ def merge_segments(segments: list[Segment]) -> list[Segment]:
         else:
             merged.append(seg)
     return merged
-
-
-def conversation_event(kind: str, conversation: Conversation, segments: list[Segment] | None = None) -> dict:
-    body: dict[str, Any] = {
-        "id": conversation.id, "status": conversation.status, "started_at": conversation.started_at,
-        "finished_at": conversation.finished_at, "title": conversation.title, "overview": conversation.overview,
-        "language": conversation.language, "source": conversation.source,
-    }
-    if segments is not None:
-        body["transcript_segments"] = [
-            {"id": s.id, "text": s.text, "speaker": s.speaker, "speaker_id": s.speaker_id, "is_user": s.is_user,
-             "person_id": s.person_id, "start": s.start, "end": s.end} for s in segments
-        ]
-    return {"type": kind, "memory": body}
 
 
 class ConversationClosed(Exception):
@@ -95,15 +80,18 @@ class ConversationService:
             except Exception as exc:  # one closed socket must not stop the others
                 log.debug("listener failed: %s", exc)
 
-    async def attach(self, uid: str, language: str, timeout_s: float, now: float | None = None) -> Conversation:
-        """The conversation a new stream continues, or a new one."""
+    async def attach(self, uid: str, language: str, timeout_s: float, now: float | None = None,
+                     source: str = "omi") -> Conversation:
+        """The conversation a new stream continues, or a new one (which records the stream's `source`: omi,
+        phone, desktop...; a name the app could not show becomes "omi"). A continued one keeps its source."""
         now = time.time() if now is None else now
         for conv in await self.storage.list_conversations(uid, status="in_progress", limit=5):
             if now - conv.last_activity_at < conv.timeout_s and conv.id not in self._closing:
                 conv.timeout_s = timeout_s
                 await self.storage.save_conversation(conv)
                 return conv
-        conv = Conversation(uid=uid, language=language, timeout_s=timeout_s, started_at=now, last_activity_at=now)
+        conv = Conversation(uid=uid, language=language, timeout_s=timeout_s, started_at=now, last_activity_at=now,
+                            source=wire_source(source))
         await self.storage.save_conversation(conv)
         return conv
 
@@ -139,17 +127,23 @@ class ConversationService:
         try:
             conversation.status = "processing"
             await self.storage.save_conversation(conversation)
-            await self._notify(conversation.uid, conversation_event("memory_processing_started", conversation))
-            segments = merge_segments(await self.storage.list_segments(conversation.uid, conversation.id))
+            # The events carry the stored segments, with the ids the live stream used and REST returns (so the
+            # app's assign-bulk names segments that exist); the summary reads them merged.
+            stored = await self.storage.list_segments(conversation.uid, conversation.id)
+            await self._notify(conversation.uid, memory_event("memory_processing_started", conversation, stored))
+            segments = merge_segments(stored)
             conversation.finished_at = time.time() if now is None else now
             if not any(s.text.strip() for s in segments):
                 conversation.status = "discarded"
             else:
                 summary = await self.summarizer.summarize(conversation, segments)
                 conversation.title, conversation.overview = summary.title, summary.overview
+                conversation.emoji, conversation.category = summary.emoji, summary.category
+                conversation.action_items = [{"description": item, "completed": False}
+                                             for item in summary.action_items if item.strip()]
                 conversation.status = "completed"
             await self.storage.save_conversation(conversation)
-            await self._notify(conversation.uid, conversation_event("memory_created", conversation, segments))
+            await self._notify(conversation.uid, memory_event("memory_created", conversation, stored))
             log.info("conversation %s %s (%d segments)", conversation.id, conversation.status, len(segments))
             return conversation
         finally:
