@@ -34,12 +34,25 @@ Emit = Callable[[Any], Awaitable[None]]  # sends one JSON message (a list of seg
 VadRunner = Callable[[VadJob], Awaitable[Any]]
 
 
+# A new utterance continues the previous segment when its speaker is the same (or both are the user) and it starts
+# less than this after the previous one ended: Omi's `TranscriptSegment.combine_segments` rule. The 2025 app merges
+# a new segment id into its last one by nearly the same rule (same speaker and is_user, < 30 s) and drops the id, so
+# a later resend of that id would show its words twice; merging here first, under the existing id, avoids that.
+APP_MERGE_GAP_S = 30.0
+
+
+def continues(last: TranscriptSegment, label: SpeakerLabel, start: float) -> bool:
+    """Omi's rule: does an utterance of `label` starting at `start` extend segment `last`? Pure."""
+    same_speaker = last.speaker == label.speaker or (last.is_user and label.is_user)
+    return same_speaker and start - last.end < APP_MERGE_GAP_S
+
+
 class SegmentBuilder:
     """Turns final transcripts into Omi transcript segments. Pure: no I/O.
 
-    A segment collects consecutive words of one speaker in one utterance; it grows (same `id`, sent again) until
-    the speaker changes or the STT backend marks the utterance ended (`speech_final`, which the pipeline provokes
-    with Finalize at the end of each speech region).
+    Consecutive words of one speaker extend one segment (same `id`, sent again as it grows); a new utterance
+    extends the last segment too when Omi's merge rule holds (`continues`), else it starts a new one. Segments the
+    user tagged (`tag`) keep that tag: relabels from the speaker tagger skip them.
     """
 
     def __init__(self, timeline: SentTimeline, offset: float = 0.0) -> None:
@@ -47,12 +60,18 @@ class SegmentBuilder:
         self.offset = offset  # conversation time of stream time 0 (a continued conversation resumes its clock)
         self._current: TranscriptSegment | None = None
         self.segments: list[TranscriptSegment] = []
+        self.manual: set[str] = set()  # ids of segments the user tagged (speaker_assigned)
 
     def restart(self, offset: float) -> None:
         """A new conversation begins: no segment continues across it, and its clock starts again."""
         self._current = None
         self.segments = []
+        self.manual = set()
         self.offset = offset
+
+    def seed(self, last: TranscriptSegment) -> None:
+        """A continued conversation's last stored segment: new speech may extend it (as the app would merge it)."""
+        self.segments = [last]
 
     def add(self, transcript: Transcript, labels: list[SpeakerLabel] | None = None) -> list[TranscriptSegment]:
         changed: list[TranscriptSegment] = []
@@ -67,11 +86,17 @@ class SegmentBuilder:
             end = round(to_stream(word.end, is_end=True) + self.offset, 3)
             seg = self._current
             if seg is None or seg.speaker_id != label.speaker_id:
-                seg = TranscriptSegment(id=str(uuid.uuid4()), text=text, start=start, end=end,
-                                        speaker=label.speaker, speaker_id=label.speaker_id,
-                                        is_user=label.is_user, person_id=label.person_id)
+                last = self.segments[-1] if self.segments else None
+                if last is not None and continues(last, label, start):
+                    seg = last
+                    seg.text = f"{seg.text} {text}"
+                    seg.end = max(seg.end, end)
+                else:
+                    seg = TranscriptSegment(id=str(uuid.uuid4()), text=text, start=start, end=end,
+                                            speaker=label.speaker, speaker_id=label.speaker_id,
+                                            is_user=label.is_user, person_id=label.person_id)
+                    self.segments.append(seg)
                 self._current = seg
-                self.segments.append(seg)
             else:
                 seg.text = f"{seg.text} {text}"
                 seg.end = max(seg.end, end)
@@ -83,13 +108,27 @@ class SegmentBuilder:
 
     def relabel(self, speaker_id: int, label: SpeakerLabel, recent: int = 200) -> list[TranscriptSegment]:
         """Segments labelled `speaker_id` are now `label` (clusters merged, or a cluster identified): update the
-        recent ones; the client upserts them by id."""
+        recent ones, except those the user tagged; the client upserts them by id."""
         changed = []
         new = (label.speaker_id, label.speaker, label.is_user, label.person_id)
         for seg in self.segments[-recent:]:
+            if seg.id in self.manual:
+                continue
             if seg.speaker_id == speaker_id and (seg.speaker_id, seg.speaker, seg.is_user, seg.person_id) != new:
                 seg.speaker_id, seg.speaker, seg.is_user, seg.person_id = new
                 changed.append(seg)
+        return changed
+
+    def tag(self, segment_ids: list[str], is_user: bool, person_id: str | None) -> list[TranscriptSegment]:
+        """The user tagged these segments (those this stream holds) as themselves or a person; kept from now on."""
+        wanted = set(segment_ids)
+        changed = []
+        for seg in self.segments:
+            if seg.id in wanted:
+                self.manual.add(seg.id)
+                if (seg.is_user, seg.person_id) != (is_user, person_id):
+                    seg.is_user, seg.person_id = is_user, person_id
+                    changed.append(seg)
         return changed
 
 
@@ -320,12 +359,21 @@ class Pipeline:
     def stream_seconds(self) -> float:
         return self.stats.stream_samples / SAMPLE_RATE
 
-    async def assign_speaker(self, speaker_id: int, person_id: str) -> tuple[list, np.ndarray]:
-        """The client's `speaker_assigned`: relabel the cluster's segments; returns them and its embeddings."""
-        if self.tagger is None:
-            return [], np.zeros((0, 0), np.float32)
-        embeddings = self.tagger.assign(speaker_id, person_id)
-        changed = self.segments.relabel(speaker_id, self.tagger.label(speaker_id))
+    async def assign_speaker(self, speaker_id: int | None, person_id: str | None, is_user: bool,
+                             segment_ids: list[str]) -> tuple[list[TranscriptSegment], np.ndarray]:
+        """The client's `speaker_assigned`: the listed segments, and the speaker's segments from now on, are the
+        user (`is_user`) or `person_id`. Sends the changed segments; returns them and the speaker's embeddings
+        (empty when this stream has no such speaker)."""
+        embeddings = np.zeros((0, 0), np.float32)
+        changed: list[TranscriptSegment] = []
+        if self.tagger is not None and speaker_id is not None:
+            try:
+                embeddings = self.tagger.assign(speaker_id, person_id, is_user)
+            except ValueError:  # not a speaker of this stream (maybe of another stream): the segment ids still count
+                pass
+            else:
+                changed = self.segments.relabel(speaker_id, self.tagger.label(speaker_id))
+        changed += [s for s in self.segments.tag(segment_ids, is_user, person_id) if s not in changed]
         await self._deliver(changed)
         return changed, embeddings
 

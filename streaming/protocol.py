@@ -6,7 +6,8 @@ objects with a `type`. Client → server: binary audio frames, and JSON text com
 
 from __future__ import annotations
 
-from typing import Literal
+import re
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field, field_validator
 
@@ -15,16 +16,30 @@ from streaming.codecs import SUPPORTED_CODECS
 ServiceStatus = Literal["initiating", "stt_initiating", "ready"]
 
 
-class ListenParams(BaseModel):
-    """Query parameters of `/v4/listen`, defaults as in Omi."""
+FOUR_HOURS_S = 4 * 3600  # Omi's "4 hours" choice, sent as conversation_timeout=-1
 
-    language: str = Field("en", min_length=2, max_length=16, pattern=r"^[A-Za-z]{2,3}(-[A-Za-z0-9]{2,8})*$|^multi$")
+
+class ListenParams(BaseModel):
+    """Query parameters of `/v4/listen`, defaults and coercions as in Omi (`transcribe.py`, `listen/contracts.py`).
+
+    Unknown parameters are ignored (the app also sends `uid`, which is never trusted: identity comes from the
+    Authorization header; the newer backend's `onboarding`, `speaker_auto_assign`, `vad_gate`, `call_id`,
+    `client_conversation_id` are accepted and have no effect here)."""
+
+    language: str = Field("en", min_length=2, max_length=16,
+                          pattern=r"^[A-Za-z]{2,3}(-[A-Za-z0-9]{2,8})*$|^multi$|^auto$")
     sample_rate: int = Field(8000, ge=8000, le=48000)
     codec: str = "pcm8"
     channels: int = Field(1, ge=1, le=2)
     include_speech_profile: bool = True
-    conversation_timeout: int = Field(120, ge=1, le=4 * 3600)  # the floor is MIN_CONVERSATION_TIMEOUT_S
-    stt_service: str | None = None  # accepted for compatibility; the server's STT_BACKEND decides
+    # -1 is the app's "4 hours"; values below the server's minimum are raised to it (`effective_timeout`)
+    conversation_timeout: int = Field(120, ge=-(2**31), le=2**31)
+    stt_service: str | None = Field(None, max_length=64)  # accepted; the server's STT_BACKEND decides
+    # Where the audio comes from (the conversation's `source`: omi, phone, desktop, ...); odd values become "omi"
+    source: str | None = Field(None, max_length=64)
+    # "enabled": the app transcribes on the phone and sends `suggested_transcript`; not built here, so the server
+    # transcribes as Omi does with it off
+    custom_stt: str | None = Field(None, max_length=32)
 
     @field_validator("codec")
     @classmethod
@@ -32,6 +47,23 @@ class ListenParams(BaseModel):
         if v not in SUPPORTED_CODECS:
             raise ValueError(f"codec must be one of {', '.join(SUPPORTED_CODECS)}")
         return v
+
+    @field_validator("language")
+    @classmethod
+    def _auto_is_multi(cls, v: str) -> str:
+        return "multi" if v == "auto" else v  # Omi rewrites auto to multi (language detection)
+
+    @field_validator("source")
+    @classmethod
+    def _plain_source(cls, v: str | None) -> str | None:
+        return v.lower() if v is not None and re.fullmatch(r"[A-Za-z0-9_\-]{1,32}", v) else None
+
+    def effective_timeout(self, minimum_s: int) -> int:
+        """Seconds of silence that end the conversation: -1 is 4 h, below `minimum_s` is raised to it, above 4 h
+        is lowered to 4 h (Omi's rules)."""
+        if self.conversation_timeout == -1:
+            return FOUR_HOURS_S
+        return min(max(self.conversation_timeout, minimum_s), FOUR_HOURS_S)
 
 
 class TranscriptSegment(BaseModel):
@@ -57,14 +89,23 @@ class ErrorEvent(BaseModel):
     message: str
 
 
+USER_PERSON_ID = "user"  # speaker_assigned's person_id for the wearer (Omi: is_user true, person_id null)
+
+
 class SpeakerAssigned(BaseModel):
-    """Client command (Omi): a conversation cluster is this person. Handled by speaker tagging (issue 3)."""
+    """Client command (Omi): a speaker of this conversation is the user (`person_id: "user"`) or a person (an id
+    from `/v1/users/people`); `segment_ids` are the segments the user tagged. Omi acts when person_id is set and
+    never answers with an error; neither does this server (a command it cannot apply is logged and ignored)."""
 
     type: Literal["speaker_assigned"]
-    speaker_id: int
-    person_id: str
-    person_name: str | None = None
-    segment_ids: list[str] = []
+    speaker_id: int | None = Field(None, ge=0, le=1_000_000)
+    person_id: str = Field(min_length=1, max_length=128)
+    person_name: str | None = Field(None, max_length=512)
+    segment_ids: list[Annotated[str, Field(max_length=128)]] = Field(default_factory=list, max_length=5000)
+
+    @property
+    def is_user(self) -> bool:
+        return self.person_id == USER_PERSON_ID
 
 
 class CloseCode:

@@ -131,7 +131,13 @@ class SpeakerTagger:
             return [self.label(self._last if self._last is not None else 0)] * len(words), {}
         centres = np.array([k * HOP_S + WINDOW_S / 2 for k in near])
         word_clusters = [self._windows[near[int(np.argmin(np.abs(centres - (w.start + w.end) / 2)))]] for w in words]
-        relabels = {gone: self.label(keep_id) for gone, keep_id in self.clusters.drain_merges()}
+        relabels = {}
+        for gone, keep_id in self.clusters.drain_merges():
+            keep = self.clusters.resolve(keep_id)
+            kept, tagged = self._identity.get(keep), self._identity.get(gone)
+            if tagged is not None and tagged.assigned and not (kept is not None and kept.assigned):
+                self._identity[keep] = tagged  # the user's tag outlives the merge
+            relabels[gone] = self.label(keep_id)
         for c in {self.clusters.resolve(self._windows[k]) for k in near}:
             if self._identify(c):
                 relabels[c] = self.label(c)
@@ -178,13 +184,15 @@ class SpeakerTagger:
         last = int(arrays["last"][0])
         self._last = None if last < 0 else last
 
-    def assign(self, cluster: int, person_id: str) -> np.ndarray:
-        """The client says this cluster is `person_id`: fixed for the rest of the conversation. Returns the
-        cluster's window embeddings so the caller can add them to that person's profile."""
+    def assign(self, cluster: int, person_id: str | None, is_user: bool = False) -> np.ndarray:
+        """The client says this cluster is the user or `person_id`: fixed for the rest of the conversation (also
+        when it merges into a cluster nobody tagged). Returns the cluster's window embeddings so the caller can add
+        them to that profile."""
         if not 0 <= cluster < self.clusters.created:
             raise ValueError(f"no speaker_id {cluster} in this conversation")
         cluster = self.clusters.resolve(cluster)
-        self._identity[cluster] = _ClusterIdentity(is_user=False, person_id=person_id, assigned=True)
+        self._identity[cluster] = _ClusterIdentity(is_user=is_user, person_id=None if is_user else person_id,
+                                                   assigned=True)
         return self.clusters.members(cluster)
 
 

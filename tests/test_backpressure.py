@@ -82,7 +82,7 @@ async def wait_until(predicate, timeout_s: float, what: str) -> None:
         await asyncio.sleep(0.1)
 
 
-# --- the outbound queue on its own (server._Client over a fake socket) ----------------------------------------
+# --- the outbound queue on its own (ws_client.WsClient over a fake socket) ----------------------------------------
 
 
 class FakeSocket:
@@ -114,10 +114,10 @@ def seg(segment_id: str, text: str) -> dict:
 
 async def test_queued_segment_versions_coalesce_in_place_and_pings_are_dropped():
     import metrics
-    from server import _Client
+    from ws_client import WsClient
 
     ws = FakeSocket()
-    client = _Client(ws, queue_max=10, slow_timeout_s=5)
+    client = WsClient(ws, queue_max=10, slow_timeout_s=5)
     dropped = metrics.value("ws_messages_dropped_total")
     ws.gate.clear()
     await client.send_json({"type": "service_status", "status": "ready"})
@@ -145,10 +145,10 @@ async def test_queued_segment_versions_coalesce_in_place_and_pings_are_dropped()
 
 async def test_a_queue_over_its_bound_closes_the_client_with_1008():
     import metrics
-    from server import _Client
+    from ws_client import WsClient
 
     ws = FakeSocket()
-    client = _Client(ws, queue_max=3, slow_timeout_s=5)
+    client = WsClient(ws, queue_max=3, slow_timeout_s=5)
     slow = metrics.value("ws_slow_clients_closed_total")
     ws.gate.clear()
     for i in range(5):
@@ -165,10 +165,10 @@ async def test_a_queue_over_its_bound_closes_the_client_with_1008():
 
 
 async def test_a_send_stuck_past_the_timeout_closes_the_client_and_close_is_bounded():
-    from server import _Client
+    from ws_client import WsClient
 
     ws = FakeSocket()
-    client = _Client(ws, queue_max=100, slow_timeout_s=0.3)
+    client = WsClient(ws, queue_max=100, slow_timeout_s=0.3)
     ws.gate.clear()  # never opens
     await client.send_json([seg("a", "one")])
     started = time.monotonic()

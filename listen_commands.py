@@ -1,0 +1,81 @@
+"""Text frames on `/v4/listen`: the Omi app's JSON commands.
+
+Omi's rule, kept here: a text frame that is not JSON, or has an unknown `type`, is logged and ignored (no error
+event, no close). Commands this server does not serve are ignored the way Omi's backend does when the feature is
+off:
+
+- `speaker_assigned` {speaker_id, person_id, person_name, segment_ids}: applied (see `assign_speaker`).
+- `image_chunk` (photos from camera wearables): ignored silently; Omi's own test expects no event for an incomplete
+  upload, and photo description is not built here.
+- `suggested_transcript` (the app's on-phone STT with `custom_stt=enabled`) and `skip_question` (onboarding):
+  ignored; the server transcribes the audio itself.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+
+from streaming.pipeline import Pipeline
+from streaming.protocol import SpeakerAssigned
+from streaming.tagging import WINDOW_S
+
+log = logging.getLogger("server")
+
+IGNORED_COMMANDS = frozenset({"image_chunk", "suggested_transcript", "skip_question"})
+
+
+@dataclass(frozen=True)
+class CommandContext:
+    """What a command may touch: this connection's pipeline, and the shared storage as this user."""
+
+    uid: str
+    pipeline: Pipeline
+    storage: Any
+    embedder_name: str
+
+
+async def handle_text(ctx: CommandContext, text: str) -> None:
+    try:
+        command = json.loads(text)
+        kind = command.get("type") if isinstance(command, dict) else None
+    except ValueError:
+        command, kind = None, None
+    if kind == "speaker_assigned":
+        await assign_speaker(ctx, command)
+    elif kind in IGNORED_COMMANDS:
+        log.debug("ignoring %s (not served here)", kind)
+    else:
+        log.warning("ignoring text frame of %d chars (type=%r)", len(text), kind if isinstance(kind, str) else None)
+
+
+async def assign_speaker(ctx: CommandContext, command: dict[str, Any]) -> None:
+    """The user says who a speaker is. The listed segments and that speaker's segments, from now on, become the
+    user (`person_id: "user"`: is_user true, person_id null) or the person; the tag is never overwritten by the
+    speaker tagger. The changed segments are sent again (and stored). The speaker's voice is added to that
+    profile when it is one of this user's profiles made by the running embedder. A person id this server does
+    not know is still applied to the labels (the app knows the person), as Omi does."""
+    try:
+        assigned = SpeakerAssigned.model_validate(command)
+    except ValidationError as exc:
+        log.warning("ignoring speaker_assigned: %s", exc.errors()[0]["msg"])
+        return
+    person_id = None if assigned.is_user else assigned.person_id
+    changed, embeddings = await ctx.pipeline.assign_speaker(assigned.speaker_id, person_id, assigned.is_user,
+                                                            assigned.segment_ids)
+    log.info("speaker_assigned: speaker %s → %s, %d segments changed", assigned.speaker_id,
+             "user" if assigned.is_user else "a person", len(changed))
+    if not len(embeddings):
+        return
+    try:
+        profile = (await ctx.storage.user_profile(ctx.uid) if assigned.is_user
+                   else await ctx.storage.get_profile(ctx.uid, assigned.person_id))
+        if profile is not None and profile.model == ctx.embedder_name and (
+                profile.kind == ("user" if assigned.is_user else "person")):
+            await ctx.storage.add_profile_embeddings(ctx.uid, profile.id, embeddings, len(embeddings) * WINDOW_S)
+    except Exception as exc:  # the relabel stands; only the profile's learning from it is lost
+        log.warning("speaker_assigned: could not add the voice to the profile: %s", type(exc).__name__)
