@@ -33,6 +33,7 @@ import batch_routes  # noqa: E402
 import conversation_routes  # noqa: E402
 import jobs  # noqa: E402
 import metrics  # noqa: E402
+import omi_profile_routes  # noqa: E402
 from auth import Authenticator, AuthError  # noqa: E402
 from config import Settings, get_settings  # noqa: E402
 from conversations import ConversationLink, ConversationService  # noqa: E402
@@ -93,6 +94,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="Omi unified audio server", version="0.1.0", lifespan=lifespan)
     app.include_router(batch_routes.router)
     app.include_router(conversation_routes.router)
+    app.include_router(omi_profile_routes.router)
     app.include_router(jobs.router)
     app.include_router(metrics.router)
     app.openapi = _openapi_with_string_details(app)
