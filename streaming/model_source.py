@@ -3,7 +3,9 @@ Shared by the loaders of every backend (pyannote, speechbrain)."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
+from pathlib import Path
 
 _WEIGHT_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".safetensors")
 
@@ -24,3 +26,15 @@ def split_revision(source: str) -> tuple[str, str | None]:
 def redactor(secret: str | None) -> Callable[[str], str]:
     """A function that hides the secret in text (error messages from hubs may echo it)."""
     return (lambda text: text.replace(secret, "***")) if secret else (lambda text: text)
+
+
+def hub_cache_dir(model_cache_dir: str | Path) -> Path:
+    """MODEL_CACHE_DIR as an absolute path: the Hugging Face hub cache every loader downloads into and loads from
+    (`models--owner--name/...` inside it). Absolute because SpeechBrain links its files to what the hub returns, and
+    a relative link target would resolve against the link's own directory."""
+    return Path(model_cache_dir).expanduser().absolute()
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE is set (the hub client reads it once, at import; loaders that pass it on read it here)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")

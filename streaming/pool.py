@@ -351,6 +351,9 @@ class ModelPool:
         self._settings = settings
         self._embedder = None
         self._load_lock = asyncio.Lock()
+        self._loading = False
+        self._load_error: str | None = None  # the last failed load of the embedder, and when (monotonic)
+        self._load_failed_at = 0.0
         self.torch_threads = torch_threads
         self.vad_backend = vad_backend
         self._speaker = BatchingWorker("speaker", self._embed_batch, settings.pool_max_batch,
@@ -381,19 +384,56 @@ class ModelPool:
             pool._vad.start()
         return pool
 
+    LOAD_RETRY_AFTER_S = 30.0  # a failed lazy load is not retried before this: callers meanwhile fail at once
+
     async def ensure_loaded(self) -> None:
-        """Loads and warms up the speaker embedder once (at start-up, or on first use with LAZY_MODELS)."""
+        """Loads and warms up the speaker embedder once (at start-up, or on first use with LAZY_MODELS), in a thread.
+        After a failed load, callers get RuntimeError at once for `LOAD_RETRY_AFTER_S`, then the next one retries
+        (so a hundred streams waiting on a model that cannot load do not each pay for an attempt)."""
         if self._embedder is not None:
             return
         async with self._load_lock:
-            if self._embedder is None:
-                from streaming.speaker import load_embedder
+            if self._embedder is not None:
+                return
+            if self._load_error is not None and time.monotonic() - self._load_failed_at < self.LOAD_RETRY_AFTER_S:
+                raise RuntimeError(f"speaker embedder {self._settings.speaker_backend} is not available: "
+                                   f"{self._load_error}")
+            from streaming.speaker import load_embedder
 
+            self._loading = True
+            started = time.monotonic()
+            try:
                 embedder = await asyncio.to_thread(load_embedder, self._settings)
                 # resemblyzer's first call compiles (numba) for seconds: not on the first user's time
                 await asyncio.to_thread(embedder.warm_up)
-                self._embedder = embedder
-                log.info("speaker embedder ready: %s (dim %d)", embedder.name, embedder.dim)
+            except Exception as e:
+                self._load_error, self._load_failed_at = str(e) or type(e).__name__, time.monotonic()
+                log.error("speaker embedder %s failed to load: %s", self._settings.speaker_backend, self._load_error)
+                raise
+            finally:
+                self._loading = False
+            self._embedder, self._load_error = embedder, None
+            log.info("speaker embedder ready: %s (dim %d) in %.1f s", embedder.name, embedder.dim,
+                     time.monotonic() - started)
+
+    def model_status(self) -> dict[str, str]:
+        """Each model's state: "ready", "loading", "lazy" (LAZY_MODELS: loads on first use), or "failed: <error>"
+        (a lazy load that failed; retried on a use after `LOAD_RETRY_AFTER_S`). `/ready` reports it."""
+        if self._embedder is not None:
+            speaker = "ready"
+        elif self._loading:
+            speaker = "loading"
+        else:
+            speaker = f"failed: {self._load_error}" if self._load_error is not None else "lazy"
+        out = {"speaker": speaker}
+        if self.vad_backend is not None:
+            out["vad"] = getattr(self.vad_backend, "status", "ready")  # a LazyVadBackend knows; others are loaded
+        return out
+
+    @property
+    def models_failed(self) -> bool:
+        """A model failed to load (LAZY_MODELS) and is not available until a retry succeeds."""
+        return any(v.startswith("failed") for v in self.model_status().values())
 
     def _init_worker_thread(self) -> None:  # worker thread
         import torch
@@ -421,7 +461,9 @@ class ModelPool:
         """The model that makes (and may match) embeddings; profiles record it."""
         if self._embedder is not None:
             return self._embedder.name
-        return self._settings.speaker_backend
+        from streaming.speaker import embedder_name
+
+        return embedder_name(self._settings)  # LAZY_MODELS: the name the embedder will have once loaded
 
     @property
     def embedding_dim(self) -> int:
@@ -438,7 +480,8 @@ class ModelPool:
         return self._speaker.saturation >= SATURATED_AT
 
     def stats(self) -> dict[str, Any]:
-        return {"loaded": self.loaded, "speaker": self._speaker.stats(), "vad": self._vad.stats()}
+        return {"loaded": self.loaded, "models": self.model_status(), "speaker": self._speaker.stats(),
+                "vad": self._vad.stats()}
 
     async def embed(self, clip: np.ndarray) -> np.ndarray:
         """One (dim,) embedding."""

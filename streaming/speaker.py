@@ -37,7 +37,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from config import Settings
-from streaming.model_source import looks_like_local_path, redactor, split_revision
+from streaming.model_source import hub_cache_dir, hub_offline, looks_like_local_path, redactor, split_revision
 
 log = logging.getLogger(__name__)
 
@@ -399,19 +399,19 @@ class SpeechBrainEmbedder(SpeakerEmbedder):
         self.dim = int(self._run([np.full(SAMPLE_RATE, 1e-3, np.float32)]).shape[1])
 
     @classmethod
-    def load(cls, source: str, savedir: Path, token: str | None = None, device: str = "cpu") -> SpeechBrainEmbedder:
+    def load(cls, source: str, savedir: Path, token: str | None = None, device: str = "cpu",
+             cache_dir: str | Path | None = None) -> SpeechBrainEmbedder:
         """`source`: a Hugging Face id ("speechbrain/spkrec-ecapa-voxceleb", optionally "@revision") or a local
         directory laid out like that repo (hyperparams.yaml, embedding_model.ckpt, mean_var_norm_emb.ckpt, ...).
 
         Files are collected (as symlinks) under `savedir`. A local directory never touches the network: downloads are
         disabled for it, and a `pretrained_path` key in its hyperparams.yaml (the HF repos point it at the HF id) is
-        overridden with the directory itself. A Hugging Face id is downloaded once; later loads use `savedir`.
+        overridden with the directory itself. A Hugging Face id is downloaded once into the hub cache `cache_dir`
+        (MODEL_CACHE_DIR; None: the hub's default) and linked from `savedir`; later loads use `savedir`.
 
         Raises ValueError for a local path that is not there or has no hyperparams.yaml, RuntimeError when loading
         fails (no network, gated/private repo without a token, a bad file); messages name the source, never the token.
         """
-        import os
-
         path = Path(source).expanduser()
         overrides: dict[str, str] = {}
         revision = None
@@ -439,8 +439,8 @@ class SpeechBrainEmbedder(SpeakerEmbedder):
             if local:  # re-link every load (the directory may have changed) and never download
                 fetch_config = FetchConfig(overwrite=True, allow_network=False)
             else:
-                offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-                fetch_config = FetchConfig(allow_network=not offline, token=token or None, revision=revision)
+                fetch_config = FetchConfig(allow_network=not hub_offline(), token=token or None, revision=revision,
+                                           huggingface_cache_dir=str(hub_cache_dir(cache_dir)) if cache_dir else None)
             classifier = EncoderClassifier.from_hparams(
                 source=fetch_source,
                 savedir=str(savedir),
@@ -459,9 +459,8 @@ class SpeechBrainEmbedder(SpeakerEmbedder):
             ) from e
         if classifier is None:
             raise RuntimeError(f"could not load speechbrain model {source!r}")
-        label = path.resolve().name if local else source
         log.info("speechbrain speaker embedder %s on %s", source, device)
-        return cls(classifier, name=f"speechbrain:{label}")
+        return cls(classifier, name=speechbrain_name(source))
 
     def _embed(self, clips: list[np.ndarray]) -> np.ndarray:
         out = np.empty((len(clips), self.dim), np.float32)
@@ -493,8 +492,24 @@ class SpeechBrainEmbedder(SpeakerEmbedder):
         return emb.reshape(len(clips), -1).float().cpu().numpy()
 
 
+def speechbrain_name(source: str) -> str:
+    """The name a SpeechBrain model's embeddings are recorded with: "speechbrain:<HF id>" or "speechbrain:<local
+    directory's name>" (known before the model is loaded)."""
+    path = Path(source).expanduser()
+    return f"speechbrain:{path.resolve().name if path.is_dir() else source}"
+
+
+def embedder_name(settings: Settings) -> str:
+    """The `name` the embedder `load_embedder(settings)` makes will have, without loading it (LAZY_MODELS: profiles
+    are matched by it before the first embedding)."""
+    if settings.speaker_backend == "speechbrain":
+        return speechbrain_name(settings.speechbrain_model)
+    return settings.speaker_backend
+
+
 def _savedir(settings: Settings, source: str) -> Path:
-    """Where SpeechBrain collects a model's files: DATA_DIR/models/speechbrain/<source>."""
+    """Where SpeechBrain collects a model's files (links into the hub cache, or into a local directory):
+    MODEL_CACHE_DIR/speechbrain/<source, sanitised>."""
     path = Path(source).expanduser()
     if path.is_dir():
         resolved = str(path.resolve())
@@ -502,7 +517,7 @@ def _savedir(settings: Settings, source: str) -> Path:
     else:
         key = source.replace("/", "--")
     key = re.sub(r"[^A-Za-z0-9._@-]+", "_", key)
-    return Path(settings.data_dir) / "models" / "speechbrain" / key
+    return hub_cache_dir(settings.model_cache_dir) / "speechbrain" / key
 
 
 def load_embedder(settings: Settings) -> SpeakerEmbedder:
@@ -518,6 +533,7 @@ def load_embedder(settings: Settings) -> SpeakerEmbedder:
             savedir=_savedir(settings, source),
             token=settings.huggingface_token.get_secret_value() if settings.huggingface_token else None,
             device=device,
+            cache_dir=settings.model_cache_dir,
         )
     raise ValueError(f"unknown SPEAKER_BACKEND {settings.speaker_backend!r}")
 

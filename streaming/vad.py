@@ -16,15 +16,19 @@ Shapes: audio is float32 mono at 16 kHz, shape (samples,); probabilities are flo
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from config import Settings
-from streaming.model_source import looks_like_local_path, redactor, split_revision
+from streaming.model_source import hub_cache_dir, looks_like_local_path, redactor, split_revision
 
 log = logging.getLogger(__name__)
 
@@ -248,15 +252,18 @@ class PyannoteVad(VadBackend):
         self._w = (pos - self._lo).astype(np.float32)
 
     @classmethod
-    def load(cls, source: str, token: str | None = None, device: str = "cpu") -> PyannoteVad:
+    def load(cls, source: str, token: str | None = None, device: str = "cpu",
+             cache_dir: str | Path | None = None) -> PyannoteVad:
         """`source`: a Hugging Face id ("pyannote/segmentation-3.0", optionally "@revision"), a checkpoint file (a
         lightning `.ckpt` or `pytorch_model.bin`), or a directory holding `pytorch_model.bin`.
+
+        `cache_dir`: the Hugging Face cache a hub id is downloaded into and found again in (MODEL_CACHE_DIR; None:
+        the hub's default). A local checkpoint is loaded where it is and never touches the network.
 
         Raises ValueError for a local path that is not there, RuntimeError when loading fails (gated model without
         a token, no network, a bad file); messages name the source, never the token.
         """
         import os
-        from pathlib import Path
 
         # pyannote.audio 4 sends usage telemetry unless told not to; a server should not phone home by default.
         os.environ.setdefault("PYANNOTE_METRICS_ENABLED", "false")
@@ -264,6 +271,7 @@ class PyannoteVad(VadBackend):
 
         path = Path(source).expanduser()
         revision = None
+        hub_cache = None
         if path.is_dir():
             if not (path / "pytorch_model.bin").is_file():
                 raise ValueError(f"pyannote segmentation directory {source!r} has no pytorch_model.bin")
@@ -274,11 +282,12 @@ class PyannoteVad(VadBackend):
             raise ValueError(f"pyannote segmentation checkpoint {source!r} not found")
         else:
             checkpoint, revision = split_revision(source)
+            hub_cache = str(hub_cache_dir(cache_dir)) if cache_dir is not None else None
 
         scrub = redactor(token)
 
         try:
-            model = Model.from_pretrained(checkpoint, revision=revision, token=token)
+            model = Model.from_pretrained(checkpoint, revision=revision, token=token, cache_dir=hub_cache)
         except Exception as e:
             hint = (
                 ""
@@ -290,7 +299,7 @@ class PyannoteVad(VadBackend):
             raise RuntimeError(msg) from e
         if model is None:
             raise RuntimeError(f"could not load pyannote segmentation model {source!r}")
-        log.info("pyannote VAD: loaded %s on %s", source, device)
+        log.info("pyannote VAD: loaded %s on %s%s", source, device, f" (cache {hub_cache})" if hub_cache else "")
         return cls(model, device=device)
 
     def new_state(self) -> _PyannoteState:
@@ -571,8 +580,10 @@ def detect_regions(
 
 # --- loading ---------------------------------------------------------------------------------------------------
 
-def load_vad_backend(settings: Settings) -> VadBackend:
-    """The backend `VAD_BACKEND` names, loaded once per process (by the app lifespan)."""
+_BACKEND_CLASSES: dict[str, type[VadBackend]] = {"silero": SileroVad, "pyannote": PyannoteVad}
+
+
+def _load_now(settings: Settings) -> VadBackend:
     if settings.vad_backend == "silero":
         return SileroVad()
     if settings.vad_backend == "pyannote":
@@ -580,5 +591,111 @@ def load_vad_backend(settings: Settings) -> VadBackend:
             settings.pyannote_segmentation,
             token=settings.huggingface_token.get_secret_value() if settings.huggingface_token else None,
             device=settings.resolved_device(),
+            cache_dir=settings.model_cache_dir,
         )
     raise ValueError(f"unknown VAD_BACKEND {settings.vad_backend!r}")
+
+
+def load_vad_backend(settings: Settings) -> VadBackend:
+    """The backend `VAD_BACKEND` names, loaded once per process (by the app lifespan). With `LAZY_MODELS` a
+    `LazyVadBackend` that loads it on first use instead (nothing is loaded here, and its `warm_up` does nothing
+    until then). Hugging Face ids are downloaded into and loaded from MODEL_CACHE_DIR."""
+    if settings.vad_backend not in _BACKEND_CLASSES:
+        raise ValueError(f"unknown VAD_BACKEND {settings.vad_backend!r}")
+    if settings.lazy_models:
+        return LazyVadBackend(settings.vad_backend, lambda: _load_now(settings))
+    return _load_now(settings)
+
+
+class _LazyState:
+    """A stream's state on a `LazyVadBackend`: the real backend's state, made on the stream's first model call (a
+    pyannote state needs the model's window, which is only known once the model is loaded)."""
+
+    __slots__ = ("inner",)
+
+    def __init__(self) -> None:
+        self.inner: Any = None
+
+
+class LazyVadBackend(VadBackend):
+    """LAZY_MODELS: stands in for a VAD backend that is loaded (and warmed up) on its first model call, in the
+    thread that makes it (the model pool's VAD worker, or the thread a batch request runs in): never at start-up and
+    never on the event loop. `new_state`, `name`, `frame_samples` and `chunk_samples` need no model (the backend
+    class's constants), so streams open before the model is there.
+
+    A load that failed is not retried for `retry_after_s`: calls in between fail at once with the same error
+    (instead of every stream's every step paying for another attempt). Thread-safe: one load, under a lock."""
+
+    retry_after_s = 30.0
+
+    def __init__(self, name: str, load: Callable[[], VadBackend]) -> None:
+        cls = _BACKEND_CLASSES[name]
+        self.name = name
+        self.frame_samples = cls.frame_samples
+        self.chunk_samples = cls.chunk_samples
+        self._load = load
+        self._lock = threading.Lock()
+        self._backend: VadBackend | None = None
+        self._loading = False
+        self._error: str | None = None
+        self._failed_at = 0.0
+
+    @property
+    def loaded(self) -> bool:
+        return self._backend is not None
+
+    @property
+    def status(self) -> str:
+        """"ready", "loading", "failed: <error>" (until a retry), or "lazy" (loads on first use)."""
+        if self._backend is not None:
+            return "ready"
+        if self._loading:
+            return "loading"
+        return f"failed: {self._error}" if self._error is not None else "lazy"
+
+    def backend(self) -> VadBackend:
+        """The real backend, loaded and warmed up on the first call. Blocking (seconds the first time)."""
+        backend = self._backend
+        if backend is not None:
+            return backend
+        with self._lock:
+            if self._backend is not None:
+                return self._backend
+            if self._error is not None and time.monotonic() - self._failed_at < self.retry_after_s:
+                raise RuntimeError(f"VAD backend {self.name} is not available: {self._error}")
+            self._loading = True
+            started = time.monotonic()
+            try:
+                backend = self._load()
+                backend.warm_up()
+            except Exception as e:
+                self._error, self._failed_at = str(e) or type(e).__name__, time.monotonic()
+                log.error("VAD backend %s failed to load on first use: %s", self.name, self._error)
+                raise
+            finally:
+                self._loading = False
+            self._backend, self._error = backend, None
+            log.info("VAD backend %s loaded on first use in %.1f s", self.name, time.monotonic() - started)
+            return backend
+
+    def new_state(self) -> _LazyState:
+        return _LazyState()
+
+    @staticmethod
+    def _inner(backend: VadBackend, state: _LazyState) -> Any:
+        if state.inner is None:
+            state.inner = backend.new_state()
+        return state.inner
+
+    def speech_probs(self, state: _LazyState, audio: np.ndarray) -> np.ndarray:
+        backend = self.backend()
+        return backend.speech_probs(self._inner(backend, state), audio)
+
+    def speech_probs_batch(self, states: list[_LazyState], audios: list[np.ndarray]) -> list[np.ndarray]:
+        backend = self.backend()
+        return backend.speech_probs_batch([self._inner(backend, s) for s in states], audios)
+
+    def warm_up(self) -> None:
+        """Nothing before the first use (the load warms the backend up); afterwards the backend's own warm-up."""
+        if self._backend is not None:
+            self._backend.warm_up()

@@ -505,7 +505,7 @@ def small_ecapa(tmp_path_factory):
     model_dir = root / "small-ecapa"
     saved = build_small_ecapa(model_dir)
     settings = Settings(_env_file=None, speaker_backend="speechbrain", speechbrain_model=str(model_dir),
-                        data_dir=root / "data", model_device="cpu")
+                        data_dir=root / "data", model_cache_dir=root / "models", model_device="cpu")
     embedder = load_embedder(settings)
     embedder.warm_up()
     return embedder, saved, settings
@@ -518,7 +518,11 @@ def test_speechbrain_loads_local_model(small_ecapa):
     loaded = embedder._model.mods.embedding_model.state_dict()
     for key, value in saved.items():
         assert np.array_equal(loaded[key].cpu().numpy(), value.numpy()), key
-    assert (settings.data_dir / "models" / "speechbrain").is_dir()  # files collected under DATA_DIR/models
+    collected = list((settings.model_cache_dir / "speechbrain").iterdir())  # files collected under MODEL_CACHE_DIR
+    assert len(collected) == 1 and collected[0].name.startswith("local-small-ecapa-")
+    model_dir = Path(settings.speechbrain_model)
+    assert (collected[0] / "embedding_model.ckpt").resolve() == (model_dir / "embedding_model.ckpt").resolve()
+    assert not (settings.data_dir / "models").exists()
 
 
 def test_speechbrain_embeds_and_batches_exactly(small_ecapa, sample):
@@ -549,17 +553,19 @@ def test_speechbrain_load_errors(tmp_path, monkeypatch):
     missing = tmp_path / "nope"
     with pytest.raises(ValueError, match="not found"):
         load_embedder(Settings(_env_file=None, speaker_backend="speechbrain", speechbrain_model=str(missing),
-                               data_dir=tmp_path))
+                               data_dir=tmp_path, model_cache_dir=tmp_path / "models"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="hyperparams.yaml"):
         load_embedder(Settings(_env_file=None, speaker_backend="speechbrain",
-                               speechbrain_model=str(tmp_path / "empty"), data_dir=tmp_path))
+                               speechbrain_model=str(tmp_path / "empty"), data_dir=tmp_path,
+                               model_cache_dir=tmp_path / "models"))
     # a Hugging Face id that is not cached, offline: a clear error naming the source, never the token
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     token = "hf_secretTOKEN123"
     with pytest.raises(RuntimeError) as info:
         load_embedder(Settings(_env_file=None, speaker_backend="speechbrain", speechbrain_model="acme/no-such-model",
-                               huggingface_token=token, data_dir=tmp_path, model_device="cpu"))
+                               huggingface_token=token, data_dir=tmp_path, model_cache_dir=tmp_path / "models",
+                               model_device="cpu"))
     assert "acme/no-such-model" in str(info.value)
     assert token not in str(info.value) and token not in repr(info.value.__cause__)
