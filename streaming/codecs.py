@@ -10,6 +10,7 @@ Codecs (the Omi app's names and wire contract):
   :class:`OpusDecoder`).
 - ``opus_fs320``: Omi's name for Opus packets that each carry a 320-sample (20 ms at 16 kHz) frame; decoded exactly
   like ``opus``.
+- ``aac`` (ADTS frames) and ``lc3_fs1030`` (30-byte 10 ms LC3 frames): see :mod:`streaming.device_codecs`.
 
 PCM frames need not be sample-aligned: trailing bytes of a partial sample are kept and prepended to the next frame,
 so nothing is lost or shifted. Everything is resampled to 16 kHz by a stateful per-decoder :class:`StreamResampler`
@@ -57,7 +58,7 @@ __all__ = [
 ]
 
 TARGET_RATE: Final = 16000
-SUPPORTED_CODECS: Final = ("pcm8", "pcm16", "opus", "opus_fs320")
+SUPPORTED_CODECS: Final = ("pcm8", "pcm16", "opus", "opus_fs320", "aac", "lc3_fs1030")
 
 MIN_SAMPLE_RATE: Final = 8000
 MAX_SAMPLE_RATE: Final = 48000
@@ -454,6 +455,10 @@ def make_decoder(codec: str, sample_rate: int, channels: int) -> FrameDecoder:
             rates = ", ".join(map(str, OPUS_SAMPLE_RATES))
             raise ValueError(f"sample_rate {sample_rate} is not an Opus rate; expected one of {rates}")
         return OpusDecoder(codec, sample_rate, channels)
+    if codec in ("aac", "lc3_fs1030"):
+        from streaming.device_codecs import make_device_decoder  # imported here: that module imports this one
+
+        return make_device_decoder(codec, sample_rate, channels)
     return PcmDecoder(codec, sample_rate, channels)
 
 
