@@ -6,10 +6,17 @@ aliases), each answer through the ported parser, and one user's routes never rea
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
+import uuid
 from pathlib import Path
 
+import httpx
+import numpy as np
 import pytest
+from conftest import SAMPLE_WAV, pcm16_frames, read_wav, start_server, stop_server
+from deepgram_server import ThreadedDeepgramTestServer
 from omi_app_conversation import (
     DartError,
     DartFormatException,
@@ -142,7 +149,8 @@ def test_the_port_is_as_strict_as_the_dart_code() -> None:
     with pytest.raises(DartTypeError):
         parse_conversation_2025({**good, "transcript_segments": None, "photos": {}})
     with pytest.raises(DartFormatException, match="description"):
-        parse_conversation_current({**good, "structured": {**good["structured"], "action_items": [{"completed": True}]}})
+        parse_conversation_current({**good, "structured": {**good["structured"],
+                                                           "action_items": [{"completed": True}]}})
     with pytest.raises(DartTypeError, match="discarded"):
         parse_conversation_2025({**good, "discarded": "no"})
     with pytest.raises(DartError):
@@ -199,3 +207,194 @@ async def test_closing_saves_the_summary_and_sends_parsable_events(tmp_path: Pat
         assert odd.source == "omi"
     finally:
         await store.close()
+
+
+# -- a real server: the WebSocket events and the REST routes ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def deepgram():
+    with ThreadedDeepgramTestServer(api_key="dg-key") as server:
+        yield server
+
+
+def listen_url(server, timeout_s: int) -> str:
+    return f"{server.ws}/v4/listen?codec=pcm16&sample_rate=16000&conversation_timeout={timeout_s}"
+
+
+class Stream:
+    """An open stream of one user that keeps reading: segments by id, and the JSON events."""
+
+    def __init__(self, url: str, uid: str) -> None:
+        self.url, self.headers = url, {"Authorization": f"Bearer {uid}"}
+        self.segments: dict[str, dict] = {}
+        self.events: list[dict] = []
+
+    async def __aenter__(self) -> Stream:
+        from websockets.asyncio.client import connect
+
+        self._connection = connect(self.url, additional_headers=self.headers, open_timeout=30)
+        self.ws = await self._connection.__aenter__()
+        self._reader = asyncio.create_task(self._read())
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.ws.close()
+        await asyncio.wait_for(self._reader, 10)
+        await self._connection.__aexit__(*exc)
+
+    async def _read(self) -> None:
+        from websockets.exceptions import ConnectionClosed
+
+        try:
+            async for message in self.ws:
+                payload = json.loads(message) if message != "ping" else None
+                if isinstance(payload, list):
+                    self.segments.update({s["id"]: s for s in payload})
+                elif isinstance(payload, dict):
+                    self.events.append(payload)
+        except ConnectionClosed:
+            pass
+
+    async def send(self, audio: np.ndarray) -> None:
+        for frame in pcm16_frames(np.concatenate([audio, np.zeros(SR, "f4")])):
+            await self.ws.send(frame)
+
+    async def until(self, check, timeout_s: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not check():
+            assert time.monotonic() < deadline, (self.events, list(self.segments.values())[-3:])
+            await asyncio.sleep(0.1)
+
+    def kinds(self) -> list[str]:
+        return [e["type"] for e in self.events if e.get("type", "").startswith("memory")]
+
+
+def segment_labels(r: httpx.Response) -> dict[str, tuple[bool, str | None]]:
+    assert r.status_code == 200, r.text
+    return {s["id"]: (s["is_user"], s["person_id"]) for s in parse_conversation(r.json())["transcript_segments"]}
+
+
+async def test_the_app_parses_every_conversation_event_and_route(tmp_path, deepgram) -> None:
+    audio = read_wav(SAMPLE_WAV)
+    server = start_server(tmp_path, STT_BACKEND="deepgram", DEEPGRAM_URL=deepgram.url, DEEPGRAM_API_KEY="dg-key",
+                          MIN_CONVERSATION_TIMEOUT_S="1", SWEEP_INTERVAL_S="0.5", DATABASE_CHOICE="sqlite",
+                          SQLITE_PATH=str(tmp_path / "wire.sqlite3"))
+    uid, other = f"wire-{uuid.uuid4().hex[:8]}", f"other-{uuid.uuid4().hex[:8]}"
+    try:
+        async with httpx.AsyncClient(base_url=server.http, headers={"Authorization": f"Bearer {uid}"},
+                                     timeout=60) as http, \
+                httpx.AsyncClient(base_url=server.http, headers={"Authorization": f"Bearer {other}"},
+                                  timeout=60) as intruder:
+            # 1. The sweep closes a conversation: both events reach the open stream and parse.
+            async with Stream(listen_url(server, 2), uid) as one:
+                await one.send(audio[: 16 * SR])  # two speakers: several segments
+                await one.until(lambda: "memory_created" in one.kinds())
+            assert one.kinds() == ["memory_processing_started", "memory_created"]
+            started, created = (parse_message_event(e) for e in one.events if e.get("type", "").startswith("memory"))
+            assert started["status"] == "processing" and started["finished_at"] is None
+            assert created["status"] == "completed" and not created["discarded"] and created["structured"]["title"]
+            assert created["finished_at"] is not None and created["transcript_segments"]
+            swept = created["id"]
+            assert {s["id"] for s in created["transcript_segments"]} >= set(one.segments)
+
+            # 2. The app's in-progress load, then "finish now" while the stream is open.
+            async with Stream(listen_url(server, 600), uid) as two:
+                await two.send(audio[20 * SR: 28 * SR])
+                await two.until(lambda: any(s["end"] > 6.5 for s in two.segments.values()))
+                await asyncio.sleep(2)  # the last words are in: none arrive after the finish to start a new one
+                r = await http.get("/v1/conversations", params={"statuses": "in_progress", "limit": 1})
+                live = [parse_conversation(c) for c in r.json()]
+                assert r.status_code == 200 and len(live) == 1 and live[0]["status"] == "in_progress"
+                assert live[0]["transcript_segments"] and live[0]["finished_at"] is None
+                assert (await intruder.post("/v1/conversations", json={})).status_code == 404  # not theirs to finish
+                r = await http.post("/v1/conversations", json={})
+                assert r.status_code == 200, r.text
+                finished = parse_create_response(r.json())
+                assert finished["id"] == live[0]["id"] and finished["status"] == "completed"
+                assert r.json()["messages"] == [] and r.json()["memory"] == r.json()["conversation"]
+                await two.until(lambda: "memory_created" in two.kinds())
+                assert parse_message_event(two.events[-1])["id"] == finished["id"]
+            r = await http.post("/v1/conversations", json={})
+            assert r.status_code == 404 and r.json()["detail"]
+
+            # 3. A stream with no speech, finished now: discarded (Omi: completed + discarded).
+            async with Stream(listen_url(server, 600), uid) as three:
+                await three.send(np.zeros(SR, "f4"))
+                await asyncio.sleep(0.5)
+                r = await http.post("/v1/memories", json={})  # the old app's path
+                gone = parse_create_response(r.json())
+            assert (gone["status"], gone["discarded"], gone["transcript_segments"]) == ("completed", True, [])
+
+            # 4. Lists with Omi's filters, every item parsed; the old parameters still work.
+            async def ids(path: str = "/v1/conversations", client: httpx.AsyncClient = http, **params) -> list[str]:
+                r = await client.get(path, params=params)
+                assert r.status_code == 200, r.text
+                return [parse_conversation(c)["id"] for c in r.json()]
+
+            newest_first = [gone["id"], finished["id"], swept]
+            assert await ids() == newest_first  # every status; discarded included as Omi's default
+            assert await ids("/v1/memories") == newest_first
+            assert await ids(include_discarded="false") == newest_first[1:]
+            assert await ids(statuses="completed", include_discarded="true", limit=2) == newest_first[:2]
+            assert await ids(statuses="completed", offset=1, limit=1) == [finished["id"]]
+            assert await ids(statuses="") == newest_first  # Omi's processing,completed
+            assert await ids(statuses="in_progress") == []
+            assert await ids(statuses="failed") == []
+            assert await ids(status="discarded") == [gone["id"]]
+            assert await ids(before=time.time() + 60, limit=500) == newest_first  # a large limit is clamped
+            assert await ids(end_date="2001-01-01T00:00:00Z") == []
+            assert await ids(start_date="2001-01-01T00:00:00", end_date="2999-01-01T00:00:00+02:00") == newest_first
+            assert await ids(client=intruder) == []
+            for bad in ({"limit": 0}, {"offset": -1}, {"offset": 10**6}, {"start_date": "soon"}, {"status": "x"},
+                        {"statuses": "completed," * 40}, {"include_discarded": "maybe"}):
+                r = await http.get("/v1/conversations", params=bad)
+                assert 400 <= r.status_code < 500 and r.json()["detail"], (bad, r.status_code, r.text)
+
+            # 5. One conversation; assign-bulk answers the conversation after, as Omi does.
+            r = await http.get(f"/v1/conversations/{swept}")
+            stored = parse_conversation(r.json())
+            assert r.json() == (await http.get(f"/v1/memories/{swept}")).json()
+            assert [s["id"] for s in stored["transcript_segments"]] == [s["id"] for s in created["transcript_segments"]]
+            assert len(stored["transcript_segments"]) >= 2, stored
+            first, second = (s["id"] for s in stored["transcript_segments"][:2])
+            path = f"/v1/conversations/{swept}/segments/assign-bulk"
+            r = await http.patch(path, json={"segment_ids": [first, second, "no-such-id"], "assign_type": "is_user",
+                                             "value": "true"})
+            labels = segment_labels(r)
+            assert r.status_code == 200 and labels[first] == labels[second] == (True, None)
+            r = await http.patch(path, json={"segment_ids": [second], "assign_type": "person_id", "value": "p-42"})
+            labels = segment_labels(r)
+            assert labels[first] == (True, None) and labels[second] == (False, "p-42")
+            r = await http.patch(path, json={"segment_ids": [second], "assign_type": "person_id", "value": None})
+            assert {s["id"]: s["person_id"] for s in r.json()["transcript_segments"]}[second] is None
+            again = parse_conversation((await http.get(f"/v1/conversations/{swept}")).json())
+            assert {s["id"]: s["is_user"] for s in again["transcript_segments"]}[first] is True  # stored
+            for bad in ({"segment_ids": [first], "assign_type": "nobody", "value": "x"},
+                        {"segment_ids": ["s"] * 1001, "assign_type": "is_user", "value": "true"},
+                        {"segment_ids": "s1", "assign_type": "is_user"}, {"assign_type": "is_user"}):
+                r = await http.patch(path, json=bad)
+                assert r.status_code == 422 and r.json()["detail"], (bad, r.text)
+            r = await http.patch(path, content=b"not json", headers={"Content-Type": "application/json"})
+            assert r.status_code == 422
+            r = await intruder.patch(path, json={"segment_ids": [first], "assign_type": "person_id", "value": "x"})
+            assert r.status_code == 404 and r.json()["detail"]
+            assert (await intruder.get(f"/v1/conversations/{swept}")).status_code == 404
+            assert (await http.patch("/v1/conversations/nope/segments/assign-bulk",
+                                     json={"segment_ids": [], "assign_type": "is_user"})).status_code == 404
+
+            # 6. Delete: 204 as Omi, then gone; not another user's.
+            assert (await intruder.delete(f"/v1/conversations/{swept}")).status_code == 404
+            r = await http.delete(f"/v1/conversations/{swept}")
+            assert r.status_code == 204 and r.content == b""
+            assert (await http.get(f"/v1/conversations/{swept}")).status_code == 404
+            assert (await http.delete(f"/v1/conversations/{swept}")).status_code == 404
+            assert (await http.delete(f"/v1/memories/{gone['id']}")).status_code == 204
+            assert await ids() == [finished["id"]]
+            async with Stream(listen_url(server, 600), uid):  # an in-progress conversation
+                await asyncio.sleep(0.5)
+                live_id = (await http.get("/v1/conversations", params={"statuses": "in_progress"})).json()[0]["id"]
+                assert await ids() == [live_id, finished["id"]]  # no statuses: any
+                assert await ids(statuses="") == [finished["id"]]  # the app's empty statuses: Omi's default
+    finally:
+        stop_server(server)

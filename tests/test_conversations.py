@@ -93,7 +93,7 @@ async def test_reconnect_continues_then_sweep_completes(tmp_path, deepgram, data
         kinds = [e["type"] for e in two.events if e.get("type", "").startswith("memory")]
         assert kinds == ["memory_processing_started", "memory_created"]
         memory = next(e for e in two.events if e["type"] == "memory_created")["memory"]
-        assert memory["status"] == "completed" and memory["title"]
+        assert memory["status"] == "completed" and memory["structured"]["title"]
         with httpx.Client(base_url=server.http, headers=headers) as http:
             conversations = http.get("/v1/conversations").json()
             assert [c["id"] for c in conversations] == [memory["id"]]  # one conversation for both streams

@@ -60,6 +60,8 @@ USER_ROUTES = {
     ("GET", "/v1/conversations"),
     ("GET", "/v1/conversations/{conversation_id}"),
     ("DELETE", "/v1/conversations/{conversation_id}"),
+    ("POST", "/v1/conversations"),  # these two's isolation: test_conversation_wire.py
+    ("PATCH", "/v1/conversations/{conversation_id}/segments/assign-bulk"),
 }
 ADMIN_ROUTES = {("GET", "/v1/jobs")}
 PUBLIC_ROUTES = {("POST", "/v1/vad"), ("GET", "/health"), ("GET", "/ready"), ("GET", "/metrics")}  # no user data
