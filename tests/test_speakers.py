@@ -169,9 +169,9 @@ async def test_user_profile_flow_on_sample(server):
 def test_profile_api_errors_and_isolation(server):
     with client(server, "alice") as alice, client(server, "bob") as bob:
         short = wav_bytes(read_wav(SAMPLE_WAV)[7 * SR : 9 * SR])
-        r = alice.post("/v3/upload-audio", files={"file": ("short.wav", short, "audio/wav")})
+        r = alice.post("/v1/speech-profile", files={"file": ("short.wav", short, "audio/wav")})
         assert r.status_code == 422 and "at least 5" in r.json()["detail"]
-        assert alice.post("/v3/upload-audio", files={"file": ("x.wav", b"not audio", "audio/wav")}).status_code == 415
+        assert alice.post("/v1/speech-profile", files={"file": ("x.wav", b"not audio", "audio/wav")}).status_code == 415
         assert alice.get("/v1/speech-profile").status_code == 404
         pid = alice.post("/v1/people", json={"name": "Carol"}).json()["id"]
         assert alice.post("/v1/people", json={"name": ""}).status_code == 422
@@ -239,8 +239,9 @@ async def test_speaker_assigned_names_a_cluster_and_enrols_its_voice(server):
         target = max(segments.values(), key=lambda s: s["end"] - s["start"])["speaker_id"]
         await ws.send(json.dumps({"type": "speaker_assigned", "speaker_id": 99, "person_id": bob}))
         await ws.send(json.dumps({"type": "speaker_assigned", "speaker_id": target, "person_id": "nobody"}))
+        mine = [i for i, s in segments.items() if s["speaker_id"] == target]
         await ws.send(json.dumps({"type": "speaker_assigned", "speaker_id": target, "person_id": bob,
-                                  "person_name": "Bob", "segment_ids": list(segments)}))
+                                  "person_name": "Bob", "segment_ids": mine}))
         for _ in range(100):
             tagged = [s for s in segments.values() if s["speaker_id"] == target]
             if tagged and all(s["person_id"] == bob for s in tagged):
@@ -250,7 +251,9 @@ async def test_speaker_assigned_names_a_cluster_and_enrols_its_voice(server):
         await asyncio.wait_for(reader, 10)
     tagged = [s for s in segments.values() if s["speaker_id"] == target]
     assert tagged and all(s["person_id"] == bob and not s["is_user"] for s in tagged)
-    assert all(s["person_id"] is None for s in segments.values() if s["speaker_id"] != target)
-    assert [e["code"] for e in errors] == ["bad_command", "bad_command"]
+    assert all(segments[i]["person_id"] == bob for i in mine)  # the segments the user tagged
+    # The rest: a segment the client listed may have changed speaker meanwhile, so only those it did not list.
+    assert all(s["person_id"] is None for i, s in segments.items() if s["speaker_id"] != target and i not in mine)
+    assert errors == []  # Omi never answers speaker_assigned with an error: unknown speakers and people are ignored
     with client(server, "assign-user") as http:
         assert http.get(f"/v1/people/{bob}").json()["samples"] > 0
