@@ -41,6 +41,7 @@ from typing import Any, Generic, Protocol, TypeVar
 import numpy as np
 
 from config import Settings
+from streaming.model_source import redactor
 from streaming.vad import StreamingVAD, VadBackend
 
 log = logging.getLogger(__name__)
@@ -407,7 +408,9 @@ class ModelPool:
                 # resemblyzer's first call compiles (numba) for seconds: not on the first user's time
                 await asyncio.to_thread(embedder.warm_up)
             except Exception as e:
-                self._load_error, self._load_failed_at = str(e) or type(e).__name__, time.monotonic()
+                token = self._settings.huggingface_token
+                scrub = redactor(token.get_secret_value() if token else None)
+                self._load_error, self._load_failed_at = scrub(str(e) or type(e).__name__), time.monotonic()
                 log.error("speaker embedder %s failed to load: %s", self._settings.speaker_backend, self._load_error)
                 raise
             finally:
@@ -417,14 +420,19 @@ class ModelPool:
                      time.monotonic() - started)
 
     def model_status(self) -> dict[str, str]:
-        """Each model's state: "ready", "loading", "lazy" (LAZY_MODELS: loads on first use), or "failed: <error>"
-        (a lazy load that failed; retried on a use after `LOAD_RETRY_AFTER_S`). `/ready` reports it."""
+        """Each model's state: "ready", "loading", "lazy" (LAZY_MODELS: loads on first use), "failed: <error>" (a
+        load that failed, for `LOAD_RETRY_AFTER_S`), then "lazy, last load failed: <error>" (the next use retries).
+        `/ready` reports it (in the pool's stats)."""
         if self._embedder is not None:
             speaker = "ready"
         elif self._loading:
             speaker = "loading"
+        elif self._load_error is None:
+            speaker = "lazy"
+        elif time.monotonic() - self._load_failed_at < self.LOAD_RETRY_AFTER_S:
+            speaker = f"failed: {self._load_error}"
         else:
-            speaker = f"failed: {self._load_error}" if self._load_error is not None else "lazy"
+            speaker = f"lazy, last load failed: {self._load_error}"
         out = {"speaker": speaker}
         if self.vad_backend is not None:
             out["vad"] = getattr(self.vad_backend, "status", "ready")  # a LazyVadBackend knows; others are loaded
@@ -432,7 +440,7 @@ class ModelPool:
 
     @property
     def models_failed(self) -> bool:
-        """A model failed to load (LAZY_MODELS) and is not available until a retry succeeds."""
+        """A model's load failed less than its retry delay ago: requests that need it fail meanwhile."""
         return any(v.startswith("failed") for v in self.model_status().values())
 
     def _init_worker_thread(self) -> None:  # worker thread

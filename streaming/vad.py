@@ -603,7 +603,8 @@ def load_vad_backend(settings: Settings) -> VadBackend:
     if settings.vad_backend not in _BACKEND_CLASSES:
         raise ValueError(f"unknown VAD_BACKEND {settings.vad_backend!r}")
     if settings.lazy_models:
-        return LazyVadBackend(settings.vad_backend, lambda: _load_now(settings))
+        token = settings.huggingface_token.get_secret_value() if settings.huggingface_token else None
+        return LazyVadBackend(settings.vad_backend, lambda: _load_now(settings), scrub=redactor(token))
     return _load_now(settings)
 
 
@@ -624,16 +625,19 @@ class LazyVadBackend(VadBackend):
     class's constants), so streams open before the model is there.
 
     A load that failed is not retried for `retry_after_s`: calls in between fail at once with the same error
-    (instead of every stream's every step paying for another attempt). Thread-safe: one load, under a lock."""
+    (instead of every stream's every step paying for another attempt); the first call after it tries again.
+    Thread-safe: one load, under a lock. `scrub` hides the secret token in the error text it keeps."""
 
     retry_after_s = 30.0
 
-    def __init__(self, name: str, load: Callable[[], VadBackend]) -> None:
+    def __init__(self, name: str, load: Callable[[], VadBackend],
+                 scrub: Callable[[str], str] = lambda text: text) -> None:
         cls = _BACKEND_CLASSES[name]
         self.name = name
         self.frame_samples = cls.frame_samples
         self.chunk_samples = cls.chunk_samples
         self._load = load
+        self._scrub = scrub
         self._lock = threading.Lock()
         self._backend: VadBackend | None = None
         self._loading = False
@@ -646,12 +650,17 @@ class LazyVadBackend(VadBackend):
 
     @property
     def status(self) -> str:
-        """"ready", "loading", "failed: <error>" (until a retry), or "lazy" (loads on first use)."""
+        """"ready", "loading", "lazy" (loads on first use), "failed: <error>" (a failed load, for `retry_after_s`),
+        then "lazy, last load failed: <error>" (the next use retries)."""
         if self._backend is not None:
             return "ready"
         if self._loading:
             return "loading"
-        return f"failed: {self._error}" if self._error is not None else "lazy"
+        if self._error is None:
+            return "lazy"
+        if time.monotonic() - self._failed_at < self.retry_after_s:
+            return f"failed: {self._error}"
+        return f"lazy, last load failed: {self._error}"
 
     def backend(self) -> VadBackend:
         """The real backend, loaded and warmed up on the first call. Blocking (seconds the first time)."""
@@ -669,7 +678,7 @@ class LazyVadBackend(VadBackend):
                 backend = self._load()
                 backend.warm_up()
             except Exception as e:
-                self._error, self._failed_at = str(e) or type(e).__name__, time.monotonic()
+                self._error, self._failed_at = self._scrub(str(e) or type(e).__name__), time.monotonic()
                 log.error("VAD backend %s failed to load on first use: %s", self.name, self._error)
                 raise
             finally:
