@@ -18,6 +18,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from pydantic import ValidationError
 
 from streaming.pipeline import Pipeline
@@ -31,10 +32,11 @@ IGNORED_COMMANDS = frozenset({"image_chunk", "suggested_transcript", "skip_quest
 
 @dataclass(frozen=True)
 class CommandContext:
-    """What a command may touch: this connection's pipeline, and the shared storage as this user."""
+    """What a command may touch: this connection's pipelines (one per channel), and the shared storage as this
+    user."""
 
     uid: str
-    pipeline: Pipeline
+    pipelines: list[Pipeline]
     storage: Any
     embedder_name: str
 
@@ -65,8 +67,12 @@ async def assign_speaker(ctx: CommandContext, command: dict[str, Any]) -> None:
         log.warning("ignoring speaker_assigned: %s", exc.errors()[0]["msg"])
         return
     person_id = None if assigned.is_user else assigned.person_id
-    changed, embeddings = await ctx.pipeline.assign_speaker(assigned.speaker_id, person_id, assigned.is_user,
-                                                            assigned.segment_ids)
+    changed, embeddings = [], np.zeros((0, 0), np.float32)
+    for pipeline in ctx.pipelines:
+        mine, voice = await pipeline.assign_speaker(assigned.speaker_id, person_id, assigned.is_user,
+                                                    assigned.segment_ids)
+        changed += mine
+        embeddings = voice if len(voice) else embeddings
     log.info("speaker_assigned: speaker %s → %s, %d segments changed", assigned.speaker_id,
              "user" if assigned.is_user else "a person", len(changed))
     if not len(embeddings):

@@ -27,7 +27,6 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 from fastapi import FastAPI, WebSocket  # noqa: E402
 from fastapi.responses import JSONResponse  # noqa: E402
 from pydantic import ValidationError  # noqa: E402
-from starlette.websockets import WebSocketDisconnect  # noqa: E402
 
 import batch_routes  # noqa: E402
 import conversation_routes  # noqa: E402
@@ -36,16 +35,14 @@ import metrics  # noqa: E402
 import omi_profile_routes  # noqa: E402
 from auth import Authenticator, AuthError  # noqa: E402
 from config import Settings, get_settings  # noqa: E402
-from conversations import ConversationLink, ConversationService  # noqa: E402
-from listen_commands import CommandContext, handle_text  # noqa: E402
+from conversations import ConversationService  # noqa: E402
+from listen_session import serve_stream  # noqa: E402
 from storage import open_storage  # noqa: E402
-from streaming.codecs import make_decoder  # noqa: E402
-from streaming.pipeline import Pipeline, SegmentIdentifier  # noqa: E402
+from streaming.pipeline import SegmentIdentifier  # noqa: E402
 from streaming.pool import ModelPool  # noqa: E402
-from streaming.protocol import CloseCode, ErrorEvent, ListenParams, ServiceStatusEvent, TranscriptSegment  # noqa: E402
-from streaming.speaker import MATCH_RULES, ProfileIndex  # noqa: E402
-from streaming.stt import SttError, SttFactory  # noqa: E402
-from streaming.tagging import SpeakerTagger  # noqa: E402
+from streaming.protocol import CloseCode, ErrorEvent, ListenParams  # noqa: E402
+from streaming.speaker import MATCH_RULES  # noqa: E402
+from streaming.stt import SttFactory  # noqa: E402
 from streaming.vad import VadParams, load_vad_backend  # noqa: E402
 from summaries import make_summarizer  # noqa: E402
 from ws_client import WsClient  # noqa: E402
@@ -158,7 +155,6 @@ def _openapi_with_string_details(app: FastAPI):
 # --- graceful shutdown ------------------------------------------------------------------------------------------
 
 SHUTTING_DOWN_MESSAGE = "server shutting down, reconnect"
-_LINGER_GAP_S = 0.25  # a stopping stream ends once no frame came for this long (see _receive_loop)
 
 
 def _drain_before_exit_on_signals(app: FastAPI) -> Callable[[], None]:
@@ -239,11 +235,6 @@ async def _drain(app: FastAPI, then: Callable[[], None]) -> None:
 # --- the WebSocket -----------------------------------------------------------------------------------------------
 
 
-async def _refuse(client: WsClient, code: int, error: str, message: str) -> None:
-    await client.send_json(ErrorEvent(code=error, message=message).model_dump())
-    await client.close(code, message)
-
-
 async def listen(websocket: WebSocket) -> None:
     """`/v4/listen`: binary frames are audio; text frames are JSON commands; results go back as JSON.
 
@@ -282,11 +273,11 @@ async def _admit(client: WsClient, websocket: WebSocket, uid: str, st: Any, s: S
         params = ListenParams(**dict(websocket.query_params))
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        return await _refuse(client, CloseCode.POLICY, "bad_parameters", problems)
+        return await client.refuse(CloseCode.POLICY, "bad_parameters", problems)
     if st.draining:
-        return await _refuse(client, CloseCode.TRY_AGAIN_LATER, "shutting_down", SHUTTING_DOWN_MESSAGE)
+        return await client.refuse(CloseCode.TRY_AGAIN_LATER, "shutting_down", SHUTTING_DOWN_MESSAGE)
     if st.active_streams >= s.max_streams or not await _pool_has_room(st.pool):
-        return await _refuse(client, CloseCode.TRY_AGAIN_LATER, "server_full", "server full, retry in 5 s")
+        return await client.refuse(CloseCode.TRY_AGAIN_LATER, "server_full", "server full, retry in 5 s")
 
     # Re-read the user's list after each await: the old stream's end may have removed it from user_streams meanwhile.
     while s.max_streams_per_user and len(mine := st.user_streams.setdefault(uid, [])) >= s.max_streams_per_user:
@@ -295,13 +286,13 @@ async def _admit(client: WsClient, websocket: WebSocket, uid: str, st: Any, s: S
                             .model_dump())
         await old.close(CloseCode.GOING_AWAY, "replaced by a newer stream")
     if st.draining:  # the drain began during the awaits above; none from here to the registration
-        return await _refuse(client, CloseCode.TRY_AGAIN_LATER, "shutting_down", SHUTTING_DOWN_MESSAGE)
+        return await client.refuse(CloseCode.TRY_AGAIN_LATER, "shutting_down", SHUTTING_DOWN_MESSAGE)
     mine = st.user_streams.setdefault(uid, [])
     mine.append(client)
     st.streams.add(client)
     st.active_streams += 1
     try:
-        await _serve_stream(client, params, uid, st, s)
+        await serve_stream(client, params, uid, st, s)
     finally:
         st.active_streams -= 1
         st.streams.discard(client)
@@ -320,156 +311,6 @@ async def _pool_has_room(pool: ModelPool, wait_s: float = 2.0) -> bool:
             return False
         await asyncio.sleep(0.1)
     return True
-
-
-async def _speaker_tagger(st: Any, uid: str, params: ListenParams) -> SpeakerTagger:
-    profiles = await st.storage.list_profiles(uid) if params.include_speech_profile else []
-    index = ProfileIndex.from_profiles(profiles, st.pool.embedder_name)
-    return SpeakerTagger(st.pool, index, MATCH_RULES)
-
-
-async def _serve_stream(client: WsClient, params: ListenParams, uid: str, st: Any, s: Settings) -> None:
-    await client.send_json(ServiceStatusEvent(status="initiating", status_text="Service starting").model_dump())
-    try:
-        decoder = make_decoder(params.codec, params.sample_rate, params.channels)
-    except ValueError as exc:
-        return await _refuse(client, CloseCode.POLICY, "bad_parameters", str(exc))
-    service: ConversationService = st.conversations
-    timeout_s = params.effective_timeout(s.min_conversation_timeout_s)
-    try:  # storage down at the start: no conversation to keep the transcript in, so the client retries later
-        last = await service.last_memory(uid)
-        conversation = await service.attach(uid, params.language, timeout_s, source=params.source or "omi")
-        tagger = await _speaker_tagger(st, uid, params)
-        state = await st.storage.load_speaker_state(uid, conversation.id)
-        stored = await st.storage.list_segments(uid, conversation.id) if conversation.duration_s else []
-    except Exception as exc:
-        log.error("stream for %s refused, storage unavailable: %s", uid, type(exc).__name__)
-        return await _refuse(client, CloseCode.TRY_AGAIN_LATER, "storage_unavailable",
-                             "storage unavailable, retry shortly")
-    if last is not None:
-        await client.send_json({"type": "last_memory", "memory_id": last.id})
-    link = ConversationLink(service, conversation, params.language, timeout_s)
-    if state is not None:
-        tagger.import_state(state)
-    pipeline = Pipeline(
-        decoder=decoder,
-        vad_backend=st.vad_backend,
-        vad_params=st.vad_params,
-        stt_factory=st.stt_factory,
-        language=params.language,
-        emit=client.send_json,
-        tagger=tagger,
-        persist=link.persist,
-        time_offset=conversation.duration_s,
-        keepalive_s=s.deepgram_keepalive_s,
-        pending_max=s.storage_pending_max_segments,
-        retry_on_close_s=s.storage_retry_on_close_s,
-        write_timeout_s=s.storage_write_timeout_s,
-        vad_runner=st.pool.run_vad,
-    )
-    link.pipeline = pipeline
-    if stored:  # a continued conversation: new speech may extend its last segment, as the app would merge it
-        fields = TranscriptSegment.model_fields
-        pipeline.segments.seed(TranscriptSegment(**{k: getattr(stored[-1], k) for k in fields}))
-    await client.send_json(ServiceStatusEvent(status="stt_initiating", status_text="STT starting").model_dump())
-    try:
-        await pipeline.start()
-    except SttError as exc:
-        log.error("stream for %s: %s", uid, exc)
-        return await _refuse(client, CloseCode.SERVER_ERROR, "stt_unavailable", str(exc))
-    await client.send_json(ServiceStatusEvent(status="ready").model_dump())
-    log.info("stream open uid=%s codec=%s rate=%d", uid, params.codec, params.sample_rate)
-
-    heartbeat = asyncio.create_task(_heartbeat(client, s.heartbeat_s))
-    stop_listening = service.listen(uid, client.send_json)
-    close_code = CloseCode.NORMAL
-    commands = CommandContext(uid, pipeline, st.storage, st.pool.embedder_name)
-    try:
-        close_code = await _receive_loop(client, pipeline, s, lambda text: handle_text(commands, text))
-    finally:
-        heartbeat.cancel()
-        await pipeline.finish()
-        stop_listening()
-        conv = link.conversation
-        try:  # storage still down: the speaker labels restart on reconnect, but the client is still closed
-            await st.storage.save_speaker_state(uid, conv.id, tagger.export_state())
-        except Exception as exc:
-            log.warning("could not store the speaker state of %s: %s", uid, type(exc).__name__)
-        try:  # storage still down: a reconnect restarts the clock at the last stored segment's end
-            await service.stream_ended(conv, pipeline.segments.offset + pipeline.stream_seconds)
-        except Exception as exc:
-            log.warning("could not store the end of the stream of %s: %s", uid, type(exc).__name__)
-        log.info("stream closed uid=%s frames=%d bad=%d sent=%.1fs of %.1fs", uid, pipeline.stats.frames,
-                 pipeline.stats.bad_frames, pipeline.stats.sent_samples / 16000, pipeline.stats.stream_samples / 16000)
-        await client.close(close_code)
-
-
-# Binary frames this short are not audio: the app answers every "ping" with the frame 8a 00 (pure_socket.dart), and
-# Omi skips frames of <= 2 bytes (transcribe.py, receiver.py). Decoded, one would be 10 ms of Opus concealment or a
-# click of PCM, and would move the stream's clock.
-KEEPALIVE_MAX_BYTES = 2
-
-
-async def _receive_loop(client: WsClient, pipeline: Pipeline, s: Settings, on_text) -> int:
-    """Returns the close code to end with. Idle means no message at all (audio, keepalive or text) for
-    IDLE_TIMEOUT_S, as Omi judges it: a connected app answers every ping, so only a dead connection gets there.
-
-    One frame at a time: the next is read only when the previous went through decode and VAD, so a client that
-    sends faster than real time is paced by TCP, never dropped: uvicorn stops reading the socket while its queue
-    (32 messages) is full, the kernel's receive buffer fills (several MB on Linux), then the client's sends wait.
-    Such a client must wait for the server's close frame after its own (its close timeout): the audio still in
-    the buffers is processed first, and an aborted connection discards it.
-
-    A stop request (`WsClient.request_stop`: shutdown, slow client) ends the loop with its code once no frame came
-    for `_LINGER_GAP_S` or its linger deadline passed: the audio a client sent before it heard of the stop is still
-    processed."""
-    last_message = time.monotonic()
-    while True:
-        now = time.monotonic()
-        stopping = client.stop_code is not None
-        if stopping:
-            timeout = min(_LINGER_GAP_S, client.stop_deadline - now)
-        else:
-            timeout = max(s.idle_timeout_s - (now - last_message), 0.01)
-        try:
-            message = await client.receive(timeout) if timeout > 0 else None
-        except WebSocketDisconnect:
-            client.gone = True
-            return CloseCode.NORMAL
-        if message is None:
-            if client.stop_code is not None:
-                if stopping:
-                    return client.stop_code
-                continue  # stop requested just now: linger
-            await client.send_json(ErrorEvent(code="idle", message="nothing received, closing").model_dump())
-            return CloseCode.GOING_AWAY
-        if message["type"] == "websocket.disconnect":
-            client.gone = True
-            return CloseCode.NORMAL
-        last_message = time.monotonic()
-        if message.get("bytes") is not None:
-            frame = message["bytes"]
-            if len(frame) <= KEEPALIVE_MAX_BYTES:
-                continue
-            if len(frame) > s.max_frame_bytes:
-                pipeline.stats.bad_frames += 1
-                await client.send_json(ErrorEvent(
-                    code="frame_too_large", message=f"frame of {len(frame)} bytes over {s.max_frame_bytes}"
-                ).model_dump())
-                continue
-            try:
-                await pipeline.feed(frame)
-            except SttError as exc:
-                await client.send_json(ErrorEvent(code="stt_unavailable", message=str(exc)).model_dump())
-                return CloseCode.SERVER_ERROR
-        elif message.get("text") is not None:
-            await on_text(message["text"])
-
-
-async def _heartbeat(client: WsClient, every_s: float) -> None:
-    while not client.gone:
-        await asyncio.sleep(every_s)
-        client.send_ping()  # dropped while other messages wait
 
 
 app = create_app()

@@ -149,6 +149,11 @@ class WsClient:
         self._wake.set()
         self.request_stop(CloseCode.POLICY, SLOW_CLIENT_REASON)
 
+    async def refuse(self, code: int, error: str, message: str) -> None:
+        """An `error` event with a machine code, then the close: how an accepted stream is refused or ended."""
+        await self.send_json(ErrorEvent(code=error, message=message).model_dump())
+        await self.close(code, message)
+
     # -- the sender ---------------------------------------------------------------------------------------------
 
     async def _send_loop(self) -> None:

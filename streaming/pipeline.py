@@ -47,17 +47,31 @@ def continues(last: TranscriptSegment, label: SpeakerLabel, start: float) -> boo
     return same_speaker and start - last.end < APP_MERGE_GAP_S
 
 
+class SegmentTail:
+    """The segment a connection's client was sent last, shared by the builders of the connection's channels (one,
+    or two with `channels=2`): Omi's merge rule looks at the app's last segment, whichever channel made it."""
+
+    __slots__ = ("segment",)
+
+    def __init__(self) -> None:
+        self.segment: TranscriptSegment | None = None
+
+
 class SegmentBuilder:
     """Turns final transcripts into Omi transcript segments. Pure: no I/O.
 
     Consecutive words of one speaker extend one segment (same `id`, sent again as it grows); a new utterance
-    extends the last segment too when Omi's merge rule holds (`continues`), else it starts a new one. Segments the
-    user tagged (`tag`) keep that tag: relabels from the speaker tagger skip them.
+    extends the connection's last segment too when Omi's merge rule holds (`continues`), else it starts a new one.
+    Segments the user tagged (`tag`) keep that tag: relabels from the speaker tagger skip them. Words without a
+    label from a tagger take `default_label` (a channel's fixed speaker).
     """
 
-    def __init__(self, timeline: SentTimeline, offset: float = 0.0) -> None:
+    def __init__(self, timeline: SentTimeline, offset: float = 0.0, tail: SegmentTail | None = None,
+                 default_label: SpeakerLabel | None = None) -> None:
         self._timeline = timeline
         self.offset = offset  # conversation time of stream time 0 (a continued conversation resumes its clock)
+        self.tail = tail or SegmentTail()
+        self.default_label = default_label or SpeakerLabel(0)
         self._current: TranscriptSegment | None = None
         self.segments: list[TranscriptSegment] = []
         self.manual: set[str] = set()  # ids of segments the user tagged (speaker_assigned)
@@ -67,16 +81,18 @@ class SegmentBuilder:
         self._current = None
         self.segments = []
         self.manual = set()
+        self.tail.segment = None
         self.offset = offset
 
     def seed(self, last: TranscriptSegment) -> None:
         """A continued conversation's last stored segment: new speech may extend it (as the app would merge it)."""
         self.segments = [last]
+        self.tail.segment = last
 
     def add(self, transcript: Transcript, labels: list[SpeakerLabel] | None = None) -> list[TranscriptSegment]:
         changed: list[TranscriptSegment] = []
         words = list(transcript.words) if transcript.is_final else []
-        labels = labels if labels is not None else [SpeakerLabel(0)] * len(words)
+        labels = labels if labels is not None else [self.default_label] * len(words)
         to_stream = self._timeline.to_stream
         for word, label in zip(words, labels, strict=True):
             text = word.text.strip()
@@ -85,8 +101,8 @@ class SegmentBuilder:
             start = round(to_stream(word.start) + self.offset, 3)
             end = round(to_stream(word.end, is_end=True) + self.offset, 3)
             seg = self._current
-            if seg is None or seg.speaker_id != label.speaker_id:
-                last = self.segments[-1] if self.segments else None
+            if seg is None or seg.speaker_id != label.speaker_id or seg is not self.tail.segment:
+                last = self.tail.segment
                 if last is not None and continues(last, label, start):
                     seg = last
                     seg.text = f"{seg.text} {text}"
@@ -96,7 +112,7 @@ class SegmentBuilder:
                                             speaker=label.speaker, speaker_id=label.speaker_id,
                                             is_user=label.is_user, person_id=label.person_id)
                     self.segments.append(seg)
-                self._current = seg
+                self._current = self.tail.segment = seg
             else:
                 seg.text = f"{seg.text} {text}"
                 seg.end = max(seg.end, end)
@@ -220,13 +236,15 @@ class Pipeline:
         retry_on_close_s: float = 30.0,
         write_timeout_s: float = 10.0,
         vad_runner: VadRunner | None = None,
+        tail: SegmentTail | None = None,
+        fixed_label: SpeakerLabel | None = None,
     ) -> None:
         self._decoder = decoder
         self._vad = StreamingVAD(vad_backend, vad_params)
         self._run_vad = vad_runner or _run_alone
         self._emit = emit
         self.timeline = SentTimeline()
-        self.segments = SegmentBuilder(self.timeline, time_offset)
+        self.segments = SegmentBuilder(self.timeline, time_offset, tail, fixed_label)
         self.stt: SttSession = stt_factory.session(self._on_transcript, language, self._on_stt_error)
         self.stats = PipelineStats()
         self.tagger = tagger
@@ -373,6 +391,9 @@ class Pipeline:
                 pass
             else:
                 changed = self.segments.relabel(speaker_id, self.tagger.label(speaker_id))
+        elif speaker_id is not None and speaker_id == self.segments.default_label.speaker_id:  # a channel's speaker
+            self.segments.default_label = SpeakerLabel(speaker_id, is_user, person_id)
+            changed = self.segments.relabel(speaker_id, self.segments.default_label)
         changed += [s for s in self.segments.tag(segment_ids, is_user, person_id) if s not in changed]
         await self._deliver(changed)
         return changed, embeddings

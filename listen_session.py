@@ -1,0 +1,224 @@
+"""One admitted `/v4/listen` stream: its conversation, its pipeline(s), the receive loop, the heartbeat.
+
+`channels=2` is the newer Omi backend's multi-channel stream (`routers/listen/receiver.py`,
+`utils/listen_audio.py`): each binary frame starts with a channel byte, 0x01 the microphone (the user,
+`SPEAKER_0`, is_user true) and 0x02 the remote or system audio (`SPEAKER_1`); frames of another channel byte are
+ignored. Each channel has its own decoder, VAD and STT (a `Pipeline` each) and a fixed speaker; no speaker tagging
+runs on them. One stream keeps one conversation either way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.websockets import WebSocketDisconnect
+
+from config import Settings
+from conversations import ConversationLink, ConversationService
+from listen_commands import CommandContext, handle_text
+from streaming.codecs import make_decoder
+from streaming.pipeline import Pipeline, SegmentTail
+from streaming.protocol import CloseCode, ErrorEvent, ListenParams, ServiceStatusEvent, TranscriptSegment
+from streaming.speaker import MATCH_RULES, ProfileIndex
+from streaming.stt import SttError
+from streaming.tagging import SpeakerLabel, SpeakerTagger
+from ws_client import WsClient
+
+log = logging.getLogger("server")
+
+LINGER_GAP_S = 0.25  # a stopping stream ends once no frame came for this long (see receive_loop)
+# Binary frames this short are not audio: the app answers every "ping" with the frame 8a 00 (pure_socket.dart), and
+# Omi skips frames of <= 2 bytes (transcribe.py, receiver.py). Decoded, one would be 10 ms of Opus concealment or a
+# click of PCM, and would move the stream's clock.
+KEEPALIVE_MAX_BYTES = 2
+
+
+@dataclass(frozen=True)
+class Channel:
+    byte: int | None  # the frame's first byte that selects this channel; None: a mono stream (no channel byte)
+    label: SpeakerLabel | None  # a fixed speaker; None: the speaker tagger labels the words
+
+
+MONO = (Channel(None, None),)
+# Omi's ChannelConfig for two channels: the microphone is the user, the remote side another speaker.
+MIC_AND_REMOTE = (Channel(0x01, SpeakerLabel(0, is_user=True)), Channel(0x02, SpeakerLabel(1)))
+
+
+async def _speaker_tagger(st: Any, uid: str, params: ListenParams) -> SpeakerTagger:
+    profiles = await st.storage.list_profiles(uid) if params.include_speech_profile else []
+    index = ProfileIndex.from_profiles(profiles, st.pool.embedder_name)
+    return SpeakerTagger(st.pool, index, MATCH_RULES)
+
+
+async def serve_stream(client: WsClient, params: ListenParams, uid: str, st: Any, s: Settings) -> None:
+    await client.send_json(ServiceStatusEvent(status="initiating", status_text="Service starting").model_dump())
+    channels = MIC_AND_REMOTE if params.channels == 2 else MONO
+    try:  # a multi-channel frame carries one channel's mono audio
+        decoders = [make_decoder(params.codec, params.sample_rate, 1 if ch.byte is not None else params.channels)
+                    for ch in channels]
+    except ValueError as exc:
+        return await client.refuse(CloseCode.POLICY, "bad_parameters", str(exc))
+    service: ConversationService = st.conversations
+    timeout_s = params.effective_timeout(s.min_conversation_timeout_s)
+    try:  # storage down at the start: no conversation to keep the transcript in, so the client retries later
+        last = await service.last_memory(uid)
+        conversation = await service.attach(uid, params.language, timeout_s, source=params.source or "omi")
+        tagger = await _speaker_tagger(st, uid, params) if channels is MONO else None
+        state = await st.storage.load_speaker_state(uid, conversation.id) if tagger is not None else None
+        stored = await st.storage.list_segments(uid, conversation.id) if conversation.duration_s else []
+    except Exception as exc:
+        log.error("stream for %s refused, storage unavailable: %s", uid, type(exc).__name__)
+        return await client.refuse(CloseCode.TRY_AGAIN_LATER, "storage_unavailable",
+                                   "storage unavailable, retry shortly")
+    if last is not None:
+        await client.send_json({"type": "last_memory", "memory_id": last.id})
+    if tagger is not None and state is not None:
+        tagger.import_state(state)
+    tail = SegmentTail()
+    links, pipelines = [], []
+    for channel, decoder in zip(channels, decoders, strict=True):
+        link = ConversationLink(service, conversation, params.language, timeout_s)
+        link.pipeline = Pipeline(
+            decoder=decoder, vad_backend=st.vad_backend, vad_params=st.vad_params, stt_factory=st.stt_factory,
+            language=params.language, emit=client.send_json, tagger=tagger, persist=link.persist,
+            time_offset=conversation.duration_s, keepalive_s=s.deepgram_keepalive_s,
+            pending_max=s.storage_pending_max_segments, retry_on_close_s=s.storage_retry_on_close_s,
+            write_timeout_s=s.storage_write_timeout_s, vad_runner=st.pool.run_vad, tail=tail,
+            fixed_label=channel.label,
+        )
+        links.append(link)
+        pipelines.append(link.pipeline)
+    if stored:  # a continued conversation: new speech may extend its last segment, as the app would merge it
+        fields = TranscriptSegment.model_fields
+        pipelines[0].segments.seed(TranscriptSegment(**{k: getattr(stored[-1], k) for k in fields}))
+    await client.send_json(ServiceStatusEvent(status="stt_initiating", status_text="STT starting").model_dump())
+    started = []
+    try:
+        for pipeline in pipelines:
+            await pipeline.start()
+            started.append(pipeline)
+    except SttError as exc:
+        log.error("stream for %s: %s", uid, exc)
+        for pipeline in started:
+            await pipeline.finish()
+        return await client.refuse(CloseCode.SERVER_ERROR, "stt_unavailable", str(exc))
+    await client.send_json(ServiceStatusEvent(status="ready").model_dump())
+    log.info("stream open uid=%s codec=%s rate=%d channels=%d", uid, params.codec, params.sample_rate,
+             len(channels))
+
+    heartbeat = asyncio.create_task(_heartbeat(client, s.heartbeat_s))
+    stop_listening = service.listen(uid, client.send_json)
+    close_code = CloseCode.NORMAL
+    commands = CommandContext(uid, pipelines, st.storage, st.pool.embedder_name)
+    route = _router(channels, pipelines)
+    try:
+        close_code = await receive_loop(client, route, s, lambda text: handle_text(commands, text))
+    finally:
+        heartbeat.cancel()
+        for pipeline in pipelines:
+            await pipeline.finish()
+        stop_listening()
+        await _stream_ended(st, service, uid, tagger, links)
+        for pipeline in pipelines:
+            stats = pipeline.stats
+            log.info("stream closed uid=%s frames=%d bad=%d sent=%.1fs of %.1fs", uid, stats.frames,
+                     stats.bad_frames, stats.sent_samples / 16000, stats.stream_samples / 16000)
+        await client.close(close_code)
+
+
+async def _stream_ended(st: Any, service: ConversationService, uid: str, tagger: SpeakerTagger | None,
+                        links: list[ConversationLink]) -> None:
+    conv = links[0].conversation
+    if tagger is not None:
+        try:  # storage still down: the speaker labels restart on reconnect, but the client is still closed
+            await st.storage.save_speaker_state(uid, conv.id, tagger.export_state())
+        except Exception as exc:
+            log.warning("could not store the speaker state of %s: %s", uid, type(exc).__name__)
+    end_s = max(link.pipeline.segments.offset + link.pipeline.stream_seconds for link in links)
+    try:  # storage still down: a reconnect restarts the clock at the last stored segment's end
+        await service.stream_ended(conv, end_s)
+    except Exception as exc:
+        log.warning("could not store the end of the stream of %s: %s", uid, type(exc).__name__)
+
+
+def _router(channels: tuple[Channel, ...], pipelines: list[Pipeline]):
+    """frame → (the pipeline it feeds, its audio), or None for a frame of no channel of this stream."""
+    if channels is MONO:
+        only = pipelines[0]
+        return lambda frame: (only, frame)
+    by_byte = {ch.byte: p for ch, p in zip(channels, pipelines, strict=True)}
+
+    def route(frame: bytes):
+        pipeline = by_byte.get(frame[0])
+        return (pipeline, frame[1:]) if pipeline is not None else None
+
+    return route
+
+
+async def receive_loop(client: WsClient, route, s: Settings, on_text) -> int:
+    """Returns the close code to end with. Idle means no message at all (audio, keepalive or text) for
+    IDLE_TIMEOUT_S, as Omi judges it: a connected app answers every ping, so only a dead connection gets there.
+
+    One frame at a time: the next is read only when the previous went through decode and VAD, so a client that
+    sends faster than real time is paced by TCP, never dropped: uvicorn stops reading the socket while its queue
+    (32 messages) is full, the kernel's receive buffer fills (several MB on Linux), then the client's sends wait.
+    Such a client must wait for the server's close frame after its own (its close timeout): the audio still in
+    the buffers is processed first, and an aborted connection discards it.
+
+    A stop request (`WsClient.request_stop`: shutdown, slow client) ends the loop with its code once no frame came
+    for `LINGER_GAP_S` or its linger deadline passed: the audio a client sent before it heard of the stop is still
+    processed."""
+    last_message = time.monotonic()
+    while True:
+        now = time.monotonic()
+        stopping = client.stop_code is not None
+        if stopping:
+            timeout = min(LINGER_GAP_S, client.stop_deadline - now)
+        else:
+            timeout = max(s.idle_timeout_s - (now - last_message), 0.01)
+        try:
+            message = await client.receive(timeout) if timeout > 0 else None
+        except WebSocketDisconnect:
+            client.gone = True
+            return CloseCode.NORMAL
+        if message is None:
+            if client.stop_code is not None:
+                if stopping:
+                    return client.stop_code
+                continue  # stop requested just now: linger
+            await client.send_json(ErrorEvent(code="idle", message="nothing received, closing").model_dump())
+            return CloseCode.GOING_AWAY
+        if message["type"] == "websocket.disconnect":
+            client.gone = True
+            return CloseCode.NORMAL
+        last_message = time.monotonic()
+        if message.get("bytes") is not None:
+            frame = message["bytes"]
+            if len(frame) <= KEEPALIVE_MAX_BYTES:
+                continue
+            if len(frame) > s.max_frame_bytes:
+                await client.send_json(ErrorEvent(
+                    code="frame_too_large", message=f"frame of {len(frame)} bytes over {s.max_frame_bytes}"
+                ).model_dump())
+                continue
+            target = route(frame)
+            if target is None:
+                continue  # a channel byte of no channel here: ignored, as Omi does
+            pipeline, audio = target
+            try:
+                await pipeline.feed(audio)
+            except SttError as exc:
+                await client.send_json(ErrorEvent(code="stt_unavailable", message=str(exc)).model_dump())
+                return CloseCode.SERVER_ERROR
+        elif message.get("text") is not None:
+            await on_text(message["text"])
+
+
+async def _heartbeat(client: WsClient, every_s: float) -> None:
+    while not client.gone:
+        await asyncio.sleep(every_s)
+        client.send_ping()  # dropped while other messages wait
