@@ -125,9 +125,6 @@ class AppTranscript:
             joined.pop(0)
         self.segments.extend(joined)
 
-    def words(self) -> list[str]:
-        return [w for s in self.segments for w in s.text.split()]
-
 
 @dataclass
 class AppSession:

@@ -61,15 +61,18 @@ async def open_app(server, uid: str, **query) -> AppConnection:
     return AppConnection(ws)
 
 
-def server_words(session) -> list[str]:
-    return [w for seg in session.raw_segments.values() for w in seg["text"].split()]
+def server_words(session, per_speaker: bool = False) -> list[str]:
+    return [f"{seg['speaker']}:{w}" if per_speaker else w for seg in session.raw_segments.values()
+            for w in seg["text"].split()]
 
 
-def assert_each_word_shown_once(session) -> None:
-    words = server_words(session)
+def assert_each_word_shown_once(session, per_speaker: bool = False) -> None:
+    """Every word the server sent is shown once by each app version. With `per_speaker` (fixed speakers: one STT
+    connection each, whose words are named alike) a word counts as its speaker's."""
+    words = server_words(session, per_speaker)
     assert words and len(words) == len(set(words)), "the server sent a word in two segments"
     for version, app in session.apps.items():
-        shown = Counter(app.words())
+        shown = Counter(f"{seg.speaker}:{w}" if per_speaker else w for seg in app.segments for w in seg.text.split())
         assert set(shown) == set(words), f"{version} app: words missing or extra"
         twice = [w for w, n in shown.items() if n > 1]
         assert not twice, f"{version} app shows {len(twice)} words more than once, e.g. {twice[:5]}"
@@ -269,3 +272,38 @@ async def test_speaker_assigned_to_a_person(app_server):
     finally:
         await app.close()
         await http.aclose()
+
+
+async def test_two_channels_mic_and_remote(app_server, deepgram):
+    """channels=2 as the newer backend reads it: a channel byte per frame, 0x01 the microphone (the user) and 0x02
+    the remote side; each channel transcribed on its own, frames of another channel byte ignored."""
+    from conftest import AMI
+
+    uid = f"chan-{uuid.uuid4().hex[:8]}"
+    mic = read_wav(SAMPLE_WAV)[6 * SR : 16 * SR]
+    remote = read_wav(AMI / "trn09.wav")[: 10 * SR]  # a meeting with speech all through its first 10 s
+    silence = np.zeros(SR, np.float32)
+    mic_frames = phone_frames(np.concatenate([mic, silence]))
+    remote_frames = phone_frames(np.concatenate([remote, silence]))
+    before = len(deepgram.connections)
+    app = await open_app(app_server, uid, codec="pcm16", channels=2, source="desktop")
+    try:
+        assert await app.wait_for(lambda s: any(e.get("status") == "ready" for e in s.events), 30)
+        for i, (m, r) in enumerate(zip(mic_frames, remote_frames, strict=False)):
+            await app.ws.send(b"\x01" + m)
+            await app.ws.send(b"\x02" + r)
+            if i % 100 == 0:
+                await app.ws.send(b"\x03" + m)  # no such channel: ignored
+                await asyncio.sleep(0.01)
+        assert await app.wait_for(
+            lambda s: {seg["speaker"] for seg in s.raw_segments.values() if seg["end"] >= 8} >= {"SPEAKER_0",
+                                                                                                  "SPEAKER_1"}, 60)
+        segments = list(app.session.raw_segments.values())
+        assert all(seg["is_user"] == (seg["speaker"] == "SPEAKER_0") for seg in segments)
+        assert {seg["speaker"] for seg in segments} == {"SPEAKER_0", "SPEAKER_1"}
+        assert not [e for e in app.session.events if e.get("type") == "error"]
+        assert_each_word_shown_once(app.session, per_speaker=True)
+    finally:
+        await app.close()
+    streams = deepgram.connections[before:]
+    assert len(streams) == 2 and all(c.audio_bytes > SR * 2 for c in streams)  # one STT per channel, each heard speech
