@@ -4,7 +4,8 @@ Omi's rule, kept here: a text frame that is not JSON, or has an unknown `type`, 
 event, no close). Commands this server does not serve are ignored the way Omi's backend does when the feature is
 off:
 
-- `speaker_assigned` {speaker_id, person_id, person_name, segment_ids}: applied (see `assign_speaker`).
+- `speaker_assigned` {speaker_id, person_id, person_name, segment_ids}: applied for the user and the user's own
+  people (see `assign_speaker`).
 - `image_chunk` (photos from camera wearables): ignored silently; Omi's own test expects no event for an incomplete
   upload, and photo description is not built here.
 - `suggested_transcript` (the app's on-phone STT with `custom_stt=enabled`) and `skip_question` (onboarding):
@@ -58,13 +59,27 @@ async def handle_text(ctx: CommandContext, text: str) -> None:
 async def assign_speaker(ctx: CommandContext, command: dict[str, Any]) -> None:
     """The user says who a speaker is. The listed segments and that speaker's segments, from now on, become the
     user (`person_id: "user"`: is_user true, person_id null) or the person; the tag is never overwritten by the
-    speaker tagger. The changed segments are sent again (and stored). The speaker's voice is added to that
-    profile when it is one of this user's profiles made by the running embedder. A person id this server does
-    not know is still applied to the labels (the app knows the person), as Omi does."""
+    speaker tagger. The changed segments are sent again (and stored). The speaker's voice is added to that profile
+    when it was made by the running embedder.
+
+    A person must be one of this user's people (the app only sends ids from `/v1/users/people`): another id, or
+    one that cannot be checked while storage is down, is ignored with a logged warning, never written into the
+    transcript (it could be another user's). No error event either way: Omi never answers this command with one."""
     try:
         assigned = SpeakerAssigned.model_validate(command)
     except ValidationError as exc:
         log.warning("ignoring speaker_assigned: %s", exc.errors()[0]["msg"])
+        return
+    try:
+        profile = (await ctx.storage.user_profile(ctx.uid) if assigned.is_user
+                   else await ctx.storage.get_profile(ctx.uid, assigned.person_id))
+    except Exception as exc:
+        if not assigned.is_user:
+            log.warning("ignoring speaker_assigned: storage unavailable to check the person: %s", type(exc).__name__)
+            return
+        profile = None  # the user is always theirs to name; only the voice's learning is lost
+    if not assigned.is_user and (profile is None or profile.kind != "person"):
+        log.warning("ignoring speaker_assigned: not one of this user's people")
         return
     person_id = None if assigned.is_user else assigned.person_id
     changed, embeddings = [], np.zeros((0, 0), np.float32)
@@ -75,13 +90,9 @@ async def assign_speaker(ctx: CommandContext, command: dict[str, Any]) -> None:
         embeddings = voice if len(voice) else embeddings
     log.info("speaker_assigned: speaker %s → %s, %d segments changed", assigned.speaker_id,
              "user" if assigned.is_user else "a person", len(changed))
-    if not len(embeddings):
+    if not len(embeddings) or profile is None or profile.model != ctx.embedder_name:
         return
     try:
-        profile = (await ctx.storage.user_profile(ctx.uid) if assigned.is_user
-                   else await ctx.storage.get_profile(ctx.uid, assigned.person_id))
-        if profile is not None and profile.model == ctx.embedder_name and (
-                profile.kind == ("user" if assigned.is_user else "person")):
-            await ctx.storage.add_profile_embeddings(ctx.uid, profile.id, embeddings, len(embeddings) * WINDOW_S)
+        await ctx.storage.add_profile_embeddings(ctx.uid, profile.id, embeddings, len(embeddings) * WINDOW_S)
     except Exception as exc:  # the relabel stands; only the profile's learning from it is lost
         log.warning("speaker_assigned: could not add the voice to the profile: %s", type(exc).__name__)

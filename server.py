@@ -63,7 +63,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         st.streams = set()  # every registered stream's client (the shutdown drain stops them all)
         st.draining = False  # SIGTERM/SIGINT received: new streams are refused, open ones finish (see _drain)
         st.authenticator = Authenticator(s)
-        if s.torch_threads:
+        if s.torch_threads and not s.lazy_models:  # lazy: no torch import at start (the pool's threads set it)
             _set_torch_threads(s.torch_threads)
         st.vad_params = VadParams.from_settings(s)
         st.vad_backend = await asyncio.to_thread(load_vad_backend, s)
@@ -109,7 +109,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             return JSONResponse({"ready": False, "reason": "shutting_down", "active_streams": st.active_streams},
                                 status_code=503)
         storage_ok = await st.storage.ping()
-        ok = storage_ok and st.active_streams < st.settings.max_streams and not st.pool.saturated
+        ok = (storage_ok and st.active_streams < st.settings.max_streams and not st.pool.saturated
+              and not st.pool.models_failed)
         body = {
             "ready": ok,
             "vad": st.vad_backend.name,
@@ -118,6 +119,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             "storage": storage_ok,
             "pool": st.pool.stats(),
             "pool_saturated": st.pool.saturated,
+            "models": st.pool.model_status(),
             "active_streams": st.active_streams,
         }
         return JSONResponse(body, status_code=200 if ok else 503)

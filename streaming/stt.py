@@ -18,6 +18,7 @@ import bisect
 import contextlib
 import logging
 import queue
+import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
@@ -464,15 +465,28 @@ class LocalRecognizer:
     FRAME_RATE = 100  # pocketsphinx frames per second
     _FILLERS = ("<s>", "</s>", "<sil>", "[NOISE]", "[SPEECH]", "<unk>")
 
-    def __init__(self, decoders: int = 2) -> None:
-        from pocketsphinx import Decoder
-
+    def __init__(self, decoders: int = 2, lazy: bool = False) -> None:
+        self._count = decoders
         self._free: queue.Queue = queue.Queue()
-        for _ in range(decoders):
-            self._free.put(Decoder(samprate=SAMPLE_RATE, loglevel="FATAL"))
+        self._made = False
+        self._lock = threading.Lock()
+        if not lazy:  # LAZY_MODELS: built by the first utterance (in its worker thread), ~1 s off the start-up
+            self._make()
+
+    def _make(self) -> None:
+        with self._lock:
+            if self._made:
+                return
+            from pocketsphinx import Decoder
+
+            for _ in range(self._count):
+                self._free.put(Decoder(samprate=SAMPLE_RATE, loglevel="FATAL"))
+            self._made = True
 
     def recognize(self, pcm16: bytes) -> list[Word]:
         """Blocking: run in a worker thread. Returns words with times relative to the audio's start."""
+        if not self._made:
+            self._make()
         decoder = self._free.get()
         try:
             # pocketsphinx adapts its feature normalisation (cepstral mean) across utterances; a fresh front end per
@@ -551,7 +565,7 @@ class SttFactory:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.backend = settings.stt_backend
-        self._recognizer = LocalRecognizer() if self.backend == "local" else None
+        self._recognizer = LocalRecognizer(lazy=settings.lazy_models) if self.backend == "local" else None
 
     def session(self, on_transcript: OnTranscript, language: str, on_error: OnError | None = None) -> SttSession:
         if self.backend == "deepgram":

@@ -62,6 +62,19 @@ USER_ROUTES = {
     ("DELETE", "/v1/conversations/{conversation_id}"),
     ("POST", "/v1/conversations"),  # these two's isolation: test_conversation_wire.py
     ("PATCH", "/v1/conversations/{conversation_id}/segments/assign-bulk"),
+    # Omi's paths for people and the speech profile (their isolation: test_omi_profiles.py)
+    ("GET", "/v1/users/people"),
+    ("POST", "/v1/users/people"),
+    ("GET", "/v1/users/people/{person_id}"),
+    ("PATCH", "/v1/users/people/{person_id}/name"),
+    ("DELETE", "/v1/users/people/{person_id}"),
+    ("DELETE", "/v1/users/people/{person_id}/speech-samples/{sample_index}"),
+    ("GET", "/v3/speech-profile"),
+    ("GET", "/v3/speech-profile/status"),
+    ("GET", "/v3/speech-profile/expand"),
+    ("DELETE", "/v3/speech-profile/expand"),
+    ("GET", "/v4/speech-profile"),
+    ("GET", "/v4/speech-profile/audio"),
 }
 ADMIN_ROUTES = {("GET", "/v1/jobs")}
 PUBLIC_ROUTES = {("POST", "/v1/vad"), ("GET", "/health"), ("GET", "/ready"), ("GET", "/metrics")}  # no user data
@@ -207,7 +220,7 @@ def test_every_route_is_classified(server):
 
 
 def _call(http: httpx.Client, method: str, path: str, voice: bytes, ids: dict) -> httpx.Response:
-    url = path.format(person_id=ids["carol"], conversation_id=ids["conversation"])
+    url = path.format(person_id=ids["carol"], conversation_id=ids["conversation"], sample_index=0)
     if path == "/v1/speaker-identification":
         return http.post(url, files={"audio_file": ("a.wav", voice, "audio/wav")}, data={"segments": "[]"})
     if method == "POST" and path == "/v1/people":
@@ -333,8 +346,9 @@ def test_speaker_identification_matches_only_the_callers_profiles(server, world)
 
 
 def test_a_stream_cannot_assign_b_person_or_touch_b_conversation(server, world):
-    """A streams speech and sends `speaker_assigned` with B's person id: refused as an unknown person; A gets a
-    conversation of their own, is never told of B's, and a third user's open stream is not replaced."""
+    """A streams speech and sends `speaker_assigned` with B's person id: ignored (no error event, as Omi never sends
+    one; B's id never lands in A's transcript); A gets a conversation of their own, is never told of B's, and a
+    third user's open stream is not replaced."""
     carol, cid = world["carol"], world["conversation"]
     command = json.dumps({"type": "speaker_assigned", "speaker_id": 0, "person_id": carol, "person_name": "Carol"})
 
@@ -348,8 +362,7 @@ def test_a_stream_cannot_assign_b_person_or_touch_b_conversation(server, world):
         return mine, await bystander
 
     mine, bystander = asyncio.run(both())
-    assert [e["code"] for e in mine.errors()] == ["bad_command"], mine.events
-    assert "unknown person_id" in mine.errors()[0]["message"]
+    assert mine.errors() == [], mine.events
     assert cid not in json.dumps(mine.events) and carol not in json.dumps(mine.segments)
     assert all(s["person_id"] is None for s in mine.segments.values())
     assert bystander.errors() == [] and bystander.close_code == 1000, (bystander.events, bystander.close_code)
