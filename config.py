@@ -9,12 +9,11 @@ where they exist (`DATABASE_CHOICE`, `POSTGRES_URL`, `DEEPGRAM_API_KEY`, `HUGGIN
 from __future__ import annotations
 
 import datetime as dt
+import ipaddress
+import json
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
-
-import ipaddress
-import json
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
