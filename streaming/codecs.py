@@ -44,6 +44,8 @@ import av.error
 import numpy as np
 import soxr
 
+from streaming.native_lib import first_loadable
+
 __all__ = [
     "SUPPORTED_CODECS",
     "TARGET_RATE",
@@ -410,13 +412,9 @@ class _LibOpus:
 @functools.cache
 def _libopus() -> _LibOpus | None:
     """The first libopus candidate that loads and answers a version call, bound once; None when there is none."""
-    for path in _libopus_candidates():
-        try:
-            lib = _LibOpus(path)
-        except (OSError, AttributeError) as exc:
-            log.debug("libopus candidate %s unusable: %s", path, exc)
-            continue
-        log.info("Opus frames decoded at 16 kHz by %s from %s", lib.version, path)
+    lib = first_loadable(_libopus_candidates(), _LibOpus, "libopus")
+    if lib is not None:
+        log.info("Opus frames decoded at 16 kHz by %s from %s", lib.version, lib.path)
         return lib
     log.warning("no usable libopus found; Opus frames are decoded by PyAV at 48 kHz and resampled")
     return None

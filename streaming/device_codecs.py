@@ -54,6 +54,7 @@ import av.error
 import numpy as np
 
 from streaming.codecs import TARGET_RATE, DecodeError, FrameDecoder, StreamResampler, _audio_frame_to_mono
+from streaming.native_lib import first_loadable
 
 __all__ = ["AacDecoder", "Lc3Decoder", "liblc3_path", "make_device_decoder"]
 
@@ -267,13 +268,9 @@ class _LibLc3:
 @functools.cache
 def _liblc3() -> _LibLc3 | None:
     """The first liblc3 candidate that loads and answers sanely, bound once; None when there is none."""
-    for path in _liblc3_candidates():
-        try:
-            lib = _LibLc3(path)
-        except (OSError, AttributeError) as exc:
-            log.debug("liblc3 candidate %s unusable: %s", path, exc)
-            continue
-        log.info("LC3 frames decoded by liblc3 from %s", path)
+    lib = first_loadable(_liblc3_candidates(), _LibLc3, "liblc3")
+    if lib is not None:
+        log.info("LC3 frames decoded by liblc3 from %s", lib.path)
         return lib
     log.warning("no usable liblc3 found; lc3_fs1030 streams will be refused")
     return None
