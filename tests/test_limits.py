@@ -16,7 +16,9 @@ URL = "/v4/listen?codec=pcm16&sample_rate=16000"
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    proc = start_server(tmp_path_factory.mktemp("limits"), MAX_STREAMS="2", MAX_FRAME_BYTES="1000")
+    # MAX_STREAMS_PER_USER=1: the opt-in limit (the default, as Omi, is none: test_omi_app.py streams two at once)
+    proc = start_server(tmp_path_factory.mktemp("limits"), MAX_STREAMS="2", MAX_FRAME_BYTES="1000",
+                        MAX_STREAMS_PER_USER="1")
     yield proc
     stop_server(proc)
 

@@ -420,7 +420,7 @@ async def test_pending_segments_are_bounded_and_counted_lost_when_storage_stays_
     lost, failures = metrics.value("storage_segments_lost_total"), metrics.value("storage_write_failures_total")
     store.down = True
     for i in range(5):
-        await say(pipeline, i * 2.0)
+        await say(pipeline, i * 40.0)  # 40 s apart: five segments (closer ones merge, as Omi merges them)
     assert len(sent) == 5  # every segment still reached the client
     assert metrics.value("storage_segments_lost_total") - lost == 2  # the two oldest dropped beyond the bound
     await pipeline.finish()  # storage still down: give up after STORAGE_RETRY_ON_CLOSE_S
@@ -437,7 +437,7 @@ async def test_segments_kept_while_down_are_written_once_with_their_latest_text(
     store.down = True
     await say(pipeline, 1.0, end_utterance=False)  # the same segment grows while storage is down
     await say(pipeline, 2.0)
-    await say(pipeline, 3.0)  # a new segment
+    await say(pipeline, 33.0)  # a new segment (30 s or more after the last one: Omi's merge rule)
     store.down = False
     await wait_until(lambda: not pipeline.writer.pending)
     await pipeline.finish()

@@ -7,8 +7,9 @@ import pytest
 from conftest import SAMPLE_WAV, read_wav
 
 from config import Settings
-from streaming.pipeline import SegmentBuilder
+from streaming.pipeline import SegmentBuilder, SegmentTail
 from streaming.stt import SentTimeline, Transcript, Word
+from streaming.tagging import SpeakerLabel
 from streaming.vad import SileroVad, SpeechAudio, SpeechEnd, SpeechStart, StreamingVAD, VadBackend, VadParams
 
 SR = 16000
@@ -43,10 +44,13 @@ def test_timeline_empty_is_identity():
 # --- SegmentBuilder ------------------------------------------------------------------------------------------------
 
 
-def test_segments_grow_until_speech_final_then_start_new():
+def test_segments_grow_and_merge_as_omi_merges():
+    """A segment grows with its speaker's words; after speech_final a new utterance of the same speaker less than
+    30 s after it (Omi's combine_segments rule) extends it under the same id; a later one starts a new segment."""
     tl = SentTimeline()
     tl.append(10 * SR, 4 * SR)  # sent 0..4 s = stream 10..14 s
     tl.append(20 * SR, 2 * SR)  # sent 4..6 s = stream 20..22 s
+    tl.append(60 * SR, 2 * SR)  # sent 6..8 s = stream 60..62 s
     sb = SegmentBuilder(tl)
     first = sb.add(Transcript((Word("Hello", 0.5, 0.9), Word("there.", 1.0, 1.4)), True, False))
     assert [s.text for s in first] == ["Hello there."]
@@ -54,11 +58,41 @@ def test_segments_grow_until_speech_final_then_start_new():
     grown = sb.add(Transcript((Word("How", 2.0, 2.3),), True, True))
     assert grown[0].id == seg_id and grown[0].text == "Hello there. How"
     assert (grown[0].start, grown[0].end) == (10.5, 12.3)
-    new = sb.add(Transcript((Word("Fine", 4.0, 4.5),), True, True))
-    assert new[0].id != seg_id and (new[0].start, new[0].end) == (20.0, 20.5)
+    merged = sb.add(Transcript((Word("Fine", 4.0, 4.5),), True, True))  # 7.7 s after: the same segment
+    assert merged[0].id == seg_id and merged[0].text == "Hello there. How Fine" and merged[0].end == 20.5
+    later = sb.add(Transcript((Word("Later", 6.0, 6.5),), True, True))  # 39.5 s after: a new segment
+    assert later[0].id != seg_id and (later[0].start, later[0].end) == (60.0, 60.5)
     assert sb.add(Transcript((), True, True)) == []  # an empty Finalize answer changes nothing
-    assert sb.add(Transcript((Word("interim", 5.0, 5.2),), False, False)) == []  # only finals make segments
-    assert [s.text for s in sb.segments] == ["Hello there. How", "Fine"]
+    assert sb.add(Transcript((Word("interim", 7.0, 7.2),), False, False)) == []  # only finals make segments
+    assert [s.text for s in sb.segments] == ["Hello there. How Fine", "Later"]
+
+
+def test_segments_of_other_speakers_and_of_the_user():
+    """Another speaker starts a new segment; two labels that are both the user merge (Omi: same speaker or both
+    is_user); a tagged segment keeps its tag through relabels; channels share the last segment (SegmentTail)."""
+    tl = SentTimeline()
+    tl.append(0, 20 * SR)
+    sb = SegmentBuilder(tl)
+    a, b = SpeakerLabel(0, is_user=True), SpeakerLabel(1)
+    one = sb.add(Transcript((Word("mine", 0.0, 0.5),), True, True), [a])[0]
+    two = sb.add(Transcript((Word("yours", 1.0, 1.5),), True, True), [b])[0]
+    assert two.id != one.id and two.speaker == "SPEAKER_1"
+    three = sb.add(Transcript((Word("again", 2.0, 2.5),), True, True), [SpeakerLabel(2, is_user=True)])[0]
+    assert three.id != two.id  # the last segment is SPEAKER_1's: no merge across it
+    four = sb.add(Transcript((Word("more", 3.0, 3.5),), True, True), [a])[0]
+    assert four.id == three.id and four.text == "again more"  # both the user
+    assert sb.tag([two.id], is_user=False, person_id="p1") == [two]
+    assert sb.relabel(1, SpeakerLabel(1, person_id="p2")) == []  # the tagged segment keeps its tag
+    assert two.person_id == "p1"
+
+    tail = SegmentTail()
+    mic = SegmentBuilder(tl, tail=tail, default_label=SpeakerLabel(0, is_user=True))
+    remote = SegmentBuilder(tl, tail=tail, default_label=SpeakerLabel(1))
+    m1 = mic.add(Transcript((Word("hi", 0.0, 0.5),), True, True))[0]
+    r1 = remote.add(Transcript((Word("hello", 1.0, 1.5),), True, True))[0]
+    m2 = mic.add(Transcript((Word("bye", 2.0, 2.5),), True, True))[0]
+    assert m1.is_user and not r1.is_user and r1.speaker == "SPEAKER_1"
+    assert m2.id != m1.id  # the remote side spoke in between: a new segment, as the app would show it
 
 
 # --- StreamingVAD ---------------------------------------------------------------------------------------------------
