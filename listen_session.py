@@ -21,8 +21,9 @@ from config import Settings
 from conversations import ConversationLink, ConversationService
 from listen_commands import CommandContext, handle_text
 from streaming.codecs import make_decoder
-from streaming.pipeline import Pipeline, SegmentTail
+from streaming.pipeline import Pipeline
 from streaming.protocol import CloseCode, ErrorEvent, ListenParams, ServiceStatusEvent, TranscriptSegment
+from streaming.segments import SegmentTail
 from streaming.speaker import MATCH_RULES, ProfileIndex
 from streaming.stt import SttError
 from streaming.tagging import SpeakerLabel, SpeakerTagger

@@ -7,7 +7,7 @@ import pytest
 from conftest import SAMPLE_WAV, read_wav
 
 from config import Settings
-from streaming.pipeline import SegmentBuilder, SegmentTail
+from streaming.segments import SegmentBuilder, SegmentTail
 from streaming.stt import SentTimeline, Transcript, Word
 from streaming.tagging import SpeakerLabel
 from streaming.vad import SileroVad, SpeechAudio, SpeechEnd, SpeechStart, StreamingVAD, VadBackend, VadParams
