@@ -230,3 +230,45 @@ async def test_server_log_never_holds_the_admin_key(admin_server):
     log = admin_server.log()
     assert "uid=user42" in log  # the accepted stream was logged (with its uid, not the credential)
     assert ADMIN_KEY not in log
+
+
+# --- the close codes the newer app acts on (4001 refresh and reconnect, 4004 sign in again) ---------------------------
+
+
+def test_firebase_failures_map_to_the_apps_close_codes():
+    """firebase-admin's own exception types (constructed here: verifying real tokens needs Google's keys)."""
+    from firebase_admin import auth as fb_auth
+
+    from auth import _firebase_close_code
+
+    cause = ValueError("x")
+    assert _firebase_close_code(fb_auth.ExpiredIdTokenError("expired", cause)) == 4001
+    assert _firebase_close_code(fb_auth.CertificateFetchError("no keys", cause)) == 4001
+    assert _firebase_close_code(fb_auth.RevokedIdTokenError("revoked")) == 4004
+    assert _firebase_close_code(fb_auth.UserDisabledError("disabled")) == 4004
+    assert _firebase_close_code(fb_auth.InvalidIdTokenError("bad")) is None  # refused at the upgrade (1008)
+
+
+@pytest.mark.parametrize("code", [4001, 4004, None])
+def test_listen_closes_with_the_credentials_code_and_no_message(code):
+    """The `/v4/listen` handler with an authenticator that fails as firebase-admin does for an expired or revoked
+    token (a stand-in: no Firebase can run here): accepted and closed at once with that code, no message first;
+    without a code, refused at the upgrade."""
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+    from starlette.websockets import WebSocketDisconnect
+
+    import server
+
+    class FailingAuthenticator:
+        async def uid_for(self, authorization, host):
+            raise AuthError("invalid token (ExpiredIdTokenError)", code)
+
+    app = FastAPI()
+    app.state.settings = Settings(_env_file=None)
+    app.state.authenticator = FailingAuthenticator()
+    app.add_api_websocket_route("/v4/listen", server.listen)
+    with TestClient(app) as client, pytest.raises(WebSocketDisconnect) as closed:
+        with client.websocket_connect("/v4/listen", headers={"Authorization": "Bearer expired"}) as ws:
+            ws.receive_text()  # the first receive fails: nothing was sent before the close
+    assert closed.value.code == (code or 1008)

@@ -446,3 +446,26 @@ def test_jobs_are_admin_only(server):
     with client(server, headers={"Authorization": ADMIN_KEY}) as admin:
         r = admin.get("/v1/jobs")
         assert r.status_code == 200 and isinstance(r.json(), list), r.text
+
+
+def test_the_apps_firebase_token_on_the_websocket(server):
+    """The app's own credential on /v4/listen: a valid Firebase ID token streams; a token of another project is
+    refused at the upgrade (HTTP 403), before any message. (Expiry is not checked by firebase-admin's emulator
+    mode: the 4001 for an expired token is tested in test_auth.py.)"""
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+    async def first_receive(token: str):
+        async with connect(f"{server.ws}{LISTEN}", additional_headers={"Authorization": f"Bearer {token}"},
+                           open_timeout=30) as ws:
+            try:
+                return await asyncio.wait_for(ws.recv(), 30)
+            except ConnectionClosed:
+                return ws.close_code
+
+    first = asyncio.run(first_receive(id_token(A)))
+    assert json.loads(first)["type"] == "service_status"  # streaming: the server's first message
+    with pytest.raises(InvalidStatus) as refused:
+        asyncio.run(first_receive(id_token(A, project="someone-else")))
+    assert refused.value.response.status_code == 403
+
