@@ -42,11 +42,20 @@ class CommandContext:
     embedder_name: str
 
 
+# The largest text frame parsed: a speaker_assigned with its most segment ids is about 200 KB. Larger frames (the
+# app's photo chunks among them, which are ignored anyway) are dropped unparsed, so no client can make the event loop
+# parse megabytes of JSON.
+MAX_COMMAND_CHARS = 256 * 1024
+
+
 async def handle_text(ctx: CommandContext, text: str) -> None:
+    if len(text) > MAX_COMMAND_CHARS:
+        log.warning("ignoring a text frame of %d chars (over %d)", len(text), MAX_COMMAND_CHARS)
+        return
     try:
         command = json.loads(text)
         kind = command.get("type") if isinstance(command, dict) else None
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: JSON nested deeper than Python's recursion limit
         command, kind = None, None
     if kind == "speaker_assigned":
         await assign_speaker(ctx, command)

@@ -307,3 +307,19 @@ async def test_two_channels_mic_and_remote(app_server, deepgram):
         await app.close()
     streams = deepgram.connections[before:]
     assert len(streams) == 2 and all(c.audio_bytes > SR * 2 for c in streams)  # one STT per channel, each heard speech
+
+
+async def test_hostile_text_frames_are_ignored(app_server):
+    """JSON nested past Python's recursion limit and a 1 MB text frame: ignored like any unknown text, the stream
+    goes on (before, the nesting raised RecursionError out of the stream's handler)."""
+    app = await open_app(app_server, f"text-{uuid.uuid4().hex[:8]}", codec="pcm16")
+    try:
+        assert await app.wait_for(lambda s: any(e.get("status") == "ready" for e in s.events), 30)
+        await app.ws.send("[" * 100_000)
+        await app.ws.send('{"type": "image_chunk", "data": "' + "A" * 1_000_000 + '"}')
+        await app.send_audio(phone_frames(np.concatenate([read_wav(SAMPLE_WAV)[6 * SR : 12 * SR],
+                                                          np.zeros(SR, np.float32)])))
+        assert await app.wait_for(lambda s: any(seg["end"] >= 5.0 for seg in s.raw_segments.values()), 60)
+        assert not app.closed and not [e for e in app.session.events if e.get("type") == "error"]
+    finally:
+        await app.close()
