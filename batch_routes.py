@@ -219,6 +219,8 @@ async def speaker_identification(
         spans = [SegmentIn.model_validate(x) for x in raw]
     except (ValueError, ValidationError) as exc:
         raise HTTPException(422, f"segments: {exc}") from None
+    except RecursionError:  # JSON nested deeper than Python's recursion limit
+        raise HTTPException(422, "segments: nested too deeply") from None
     audio = await read_audio(request, audio_file)
     st = request.app.state
     index = profile_index(request, await st.storage.list_profiles(uid))

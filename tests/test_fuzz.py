@@ -578,6 +578,7 @@ SEGMENTS = st.one_of(
     st.lists(st.dictionaries(st.sampled_from(["start", "end", "x"]), json_values()), max_size=4).map(json.dumps),
     json_values().map(json.dumps),
     st.text(max_size=40),
+    st.sampled_from(["[" * 100_000, '[{"start": 0, "end": ' + "[" * 50_000 + "]"]),  # past the recursion limit
 )
 
 
