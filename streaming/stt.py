@@ -24,6 +24,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 import numpy as np
 
@@ -229,7 +230,9 @@ class DeepgramSession(SttSession):
             socket = await stack.enter_async_context(client.listen.v1.connect(**self._options()))
         except Exception as exc:  # the SDK raises websockets' own errors; none of them carry the key
             await stack.aclose()
-            raise SttError(f"cannot connect to Deepgram at {s.deepgram_url}: {type(exc).__name__}") from None
+            where = urlsplit(s.deepgram_url)  # the operator's log gets the host; the client's message never does
+            log.error("cannot connect to Deepgram at %s:%s: %s", where.hostname, where.port or "", type(exc).__name__)
+            raise SttError(f"cannot connect to the speech-to-text service ({type(exc).__name__})") from None
         self.connections += 1
         return _Connection(stack, socket)
 

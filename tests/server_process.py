@@ -52,8 +52,11 @@ class ServerProcess:
 
 def start_server(workdir: Path, env: dict[str, str] | None = None, *, cwd: Path = REPO,
                  timeout_s: float = 120.0) -> ServerProcess:
-    """Runs `python -m uvicorn server:app` from `cwd` with `DATA_DIR` under `workdir`; returns once /ready is 200.
-    Raises RuntimeError (with the log's tail) if it exits or is not ready in `timeout_s`."""
+    """Runs `python -m uvicorn server:app` with the app from `cwd` and `DATA_DIR` under `workdir`; returns once /ready
+    is 200. Raises RuntimeError (with the log's tail) if it exits or is not ready in `timeout_s`.
+
+    The process runs in `workdir` (the app found with `--app-dir`): the settings read `.env` from the working
+    directory, and a developer's `.env` in the checkout must not change what the tests test."""
     port = free_port()
     workdir.mkdir(parents=True, exist_ok=True)
     full_env = {k: v for k, v in os.environ.items() if not k.startswith(SCRUBBED_ENV_PREFIXES)}
@@ -61,8 +64,9 @@ def start_server(workdir: Path, env: dict[str, str] | None = None, *, cwd: Path 
     log_path = workdir / f"server-{port}.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "server:app", "--host", "127.0.0.1", "--port", str(port)],
-            cwd=cwd, env=full_env, stdout=log, stderr=subprocess.STDOUT,
+            [sys.executable, "-m", "uvicorn", "server:app", "--app-dir", str(Path(cwd).resolve()),
+             "--host", "127.0.0.1", "--port", str(port)],
+            cwd=workdir, env=full_env, stdout=log, stderr=subprocess.STDOUT,
         )
     server = ServerProcess(port, proc, log_path)
     deadline = time.monotonic() + timeout_s

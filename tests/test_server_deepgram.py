@@ -143,7 +143,8 @@ async def test_keepalive_during_silence(server, deepgram):
 async def test_deepgram_unreachable_reports_error(tmp_path):
     from conftest import free_port
 
-    proc = start_server(tmp_path, STT_BACKEND="deepgram", DEEPGRAM_URL=f"http://127.0.0.1:{free_port()}",
+    port = free_port()
+    proc = start_server(tmp_path, STT_BACKEND="deepgram", DEEPGRAM_URL=f"http://127.0.0.1:{port}",
                         DEEPGRAM_API_KEY="sk-not-in-logs-987")
     try:
         result = await stream_frames(f"{proc.ws}/v4/listen?codec=pcm16&sample_rate=16000", [], close=False,
@@ -152,4 +153,6 @@ async def test_deepgram_unreachable_reports_error(tmp_path):
         stop_server(proc)
     assert result.close_code == 1011
     assert result.errors()[0]["code"] == "stt_unavailable"
+    assert str(port) not in result.errors()[0]["message"]  # the STT's address is the operator's, not the client's
+    assert f"127.0.0.1:{port}" in proc.log()  # ... and is in the operator's log
     assert "sk-not-in-logs-987" not in proc.log()

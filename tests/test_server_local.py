@@ -165,3 +165,14 @@ async def test_idle_stream_closed_1001(tmp_path, sample):
     assert result.close_code == 1001
     assert result.pings >= 2  # the text frame "ping" every HEARTBEAT_S
     assert result.errors()[-1]["code"] == "idle"
+
+
+def test_test_servers_do_not_read_the_checkouts_env_file(local_server):
+    """The settings read `.env` from the working directory: a test server runs in its own directory, so a
+    developer's `.env` in the checkout cannot change what the tests test."""
+    import os
+    from pathlib import Path
+
+    cwd = Path(os.readlink(f"/proc/{local_server.proc.pid}/cwd"))
+    assert cwd != Path(__file__).resolve().parents[1]
+    assert cwd == local_server.log_path.parent
