@@ -31,7 +31,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MERGE_GAP_S = 1.0  # consecutive segments of one speaker closer than this become one (Omi merges the same way)
+# For the summary only: consecutive stored segments of one speaker closer than this read as one. (The live segments
+# already merge by Omi's own rule, streaming/segments.py; this catches what a reconnect or a relabel left apart.)
+MERGE_GAP_S = 1.0
 
 Listener = Callable[[dict[str, Any]], Awaitable[None]]
 
