@@ -28,8 +28,8 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
 from pydantic import BaseModel, Field, StringConstraints
 
-from batch_routes import user_uid
 from conversation_wire import conversation_json, storage_statuses
+from request_auth import user_uid
 from storage.base import ConversationStatus
 
 router = APIRouter()

@@ -12,7 +12,7 @@ Omi's app (`app/lib/backend/http/api/speech_profile.dart`) and backend (`backend
   `{"status": "ok"}`: Omi keeps extra samples cut from conversations there; this server keeps none (a
   `speaker_assigned` adds a cluster's embeddings to the person instead), so the list is honestly empty and there is
   nothing to delete.
-- People at Omi's `/v1/users/people` paths: in `batch_routes`, next to ours.
+- People at Omi's `/v1/users/people` paths: in `people_routes`, next to ours.
 - Ours: `POST /v1/speech-profile` (5-120 s of speech after VAD, 422 otherwise; returns the profile),
   `GET`/`DELETE /v1/speech-profile`.
 
@@ -47,19 +47,12 @@ from fastapi import APIRouter, Depends, File, HTTPException, Query, Request, Upl
 from fastapi.responses import FileResponse
 from pydantic import BaseModel
 
-from batch_routes import (
-    ProfileOut,
-    StatusOk,
-    caller,
-    embed_speech,
-    enrolment_speech,
-    read_upload,
-    speech_only,
-    user_uid,
-)
+from people_routes import ProfileOut, StatusOk
+from request_auth import caller, user_uid
 from storage import SpeakerProfile
 from streaming.audiofile import AudioFileError, decode_audio_file
 from streaming.speaker import SAMPLE_RATE
+from uploads import embed_speech, enrolment_speech, read_upload, speech_only
 
 log = logging.getLogger(__name__)
 

@@ -33,6 +33,8 @@ import conversation_routes  # noqa: E402
 import jobs  # noqa: E402
 import metrics  # noqa: E402
 import omi_profile_routes  # noqa: E402
+import people_routes  # noqa: E402
+import vad_routes  # noqa: E402
 from auth import Authenticator, AuthError  # noqa: E402
 from config import Settings, get_settings  # noqa: E402
 from conversations import ConversationService  # noqa: E402
@@ -89,8 +91,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await st.storage.close()
 
     app = FastAPI(title="Omi unified audio server", version="0.1.0", lifespan=lifespan)
+    app.include_router(vad_routes.router)
     app.include_router(batch_routes.router)
     app.include_router(conversation_routes.router)
+    app.include_router(people_routes.router)
     app.include_router(omi_profile_routes.router)
     app.include_router(jobs.router)
     app.include_router(metrics.router)
