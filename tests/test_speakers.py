@@ -141,11 +141,25 @@ def test_people_enrolled_from_trn07_identified_in_trn08(server):
         assert r.status_code == 200, r.text
         answers = r.json()
     assert len(answers) == len(segments)
-    right = sum(a["person_id"] == ids.get(spk) and not a["is_user"] for a, (_, _, spk) in zip(answers, segments,
-                                                                                                  strict=True))
-    accuracy = right / len(segments)
-    print(f"trn07 → trn08 identification accuracy: {accuracy:.3f} over {len(segments)} turns")
-    assert accuracy >= 0.6, answers
+    for a, (s, e, spk) in zip(answers, segments, strict=True):
+        print(f"{s:7.2f}-{e:7.2f} {spk}: {a}")
+    recall, precision, named = identification_scores(answers, [spk for _, _, spk in segments], ids)
+    print(f"trn07 → trn08: recall {recall:.3f} over the enrolled people's turns, precision {precision:.3f} "
+          f"over {named} answers naming a person")
+    assert not any(a["is_user"] for a in answers)
+    # Recall on these overlapped turns is poor today (issue 14 targets >= 0.9 on 1-5 s turns); the floor makes an
+    # identifier that never names anyone fail, and a wrong name costs precision.
+    assert recall >= 0.3 and precision >= 0.75, answers
+
+
+def identification_scores(answers: list[dict], speakers: list[str], ids: dict[str, str]) -> tuple[float, float, int]:
+    """(recall over the turns of enrolled speakers, precision over the answers that name a person, how many named
+    one). Scored apart, so that answering "nobody" everywhere (right on every stranger's turn) scores zero recall."""
+    enrolled = [(a, spk) for a, spk in zip(answers, speakers, strict=True) if spk in ids]
+    found = sum(a["person_id"] == ids[spk] for a, spk in enrolled)
+    named = [(a, spk) for a, spk in zip(answers, speakers, strict=True) if a["person_id"] is not None]
+    precision = sum(a["person_id"] == ids.get(spk) for a, spk in named) / len(named) if named else 0.0
+    return (found / len(enrolled) if enrolled else 0.0), precision, len(named)
 
 
 async def test_user_profile_flow_on_sample(server):
@@ -194,14 +208,18 @@ def test_profile_api_errors_and_isolation(server):
 
 
 def test_short_and_silent_segments_are_unknown(server):
+    """Too short, silent and past-the-end segments are nobody; beside them, in the same request, a long turn of an
+    enrolled person is named (so an identifier that always answers "nobody" fails here)."""
     with client(server, "ami-user-2") as http:
-        enrol_people_from_trn07(http)
+        ids = enrol_people_from_trn07(http)
         audio = np.concatenate([read_wav(AMI / "trn08.wav"), np.zeros(3 * SR, np.float32)])
-        spans = [{"start": 30.5, "end": 32.5}, {"start": 10.0, "end": 10.3}, {"start": 40.0, "end": 41.0}]
+        spans = [{"start": 30.5, "end": 32.5}, {"start": 10.0, "end": 10.3}, {"start": 40.0, "end": 41.0},
+                 {"start": 5.04, "end": 8.61}]  # the last: FEE087's turn, found in the trn08 test above
         r = http.post("/v1/speaker-identification", files={"audio_file": ("a.wav", wav_bytes(audio), "audio/wav")},
                       data={"segments": json.dumps(spans)})
         assert r.status_code == 200, r.text
-        assert r.json() == [{"is_user": False, "person_id": None}] * 3
+        assert r.json() == [{"is_user": False, "person_id": None}] * 3 + [
+            {"is_user": False, "person_id": ids["FEE087"]}]
 
 
 async def test_speaker_assigned_names_a_cluster_and_enrols_its_voice(server):
