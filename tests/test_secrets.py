@@ -1,35 +1,79 @@
 """Secrets never reach logs (Omi printed its STT key, issue #2175): a full session on a real server process with
-every secret set, at DEBUG level, including failures that put credentials near error paths."""
+every secret set, at DEBUG level, including failures that put credentials near error paths. Each secret is one the
+server under test really uses (checked: the Deepgram key and the LLM key arrive at their test servers, the database
+is the PostgreSQL of POSTGRES_URL, the internal key admits Omi's backend), and the Hugging Face token goes to a
+model download that fails (no network here), whose error the log keeps."""
 
 from __future__ import annotations
 
+import asyncio
+import time
+
+import asyncpg
 import httpx
 import pytest
-from conftest import SAMPLE_WAV, pcm16_frames, read_wav, start_server, stop_server, stream_frames
+from conftest import (
+    SAMPLE_WAV,
+    fresh_postgres_database,
+    pcm16_frames,
+    read_wav,
+    start_server,
+    stop_server,
+    stream_frames,
+)
 from deepgram_server import ThreadedDeepgramTestServer
+from openai_server import OpenAITestServer, completion, raw
 from websockets.exceptions import InvalidStatus
 
+PG_PASSWORD = "pg-pass-7d1e9a"  # the test server trusts loopback: the password is sent, and ignored
 SECRETS = {
-    "ADMIN_KEY": "adm-9f3c1e5d7b",
+    "ADMIN_KEY": "adm-9f3c1e5d7b-0a4b8c2e6f1d3a5b7c9e",
     "DEEPGRAM_API_KEY": "dg-5b8e2a41c7d6",
-    "HUGGINGFACE_TOKEN": "hf_QwErTy1234567890",
-    "POSTGRES_URL": "postgresql://svc:pg-pass-7d1e9a@127.0.0.1:5432/test",
     "INTERNAL_API_KEY": "int-3c9a7e1f55",
     "LLM_API_KEY": "sk-llm-8e2d4b6a0c",
 }
+HF_TOKEN = "hf_QwErTy1234567890"
 
 
-async def test_a_full_session_logs_no_secret(tmp_path):
-    with ThreadedDeepgramTestServer(api_key=SECRETS["DEEPGRAM_API_KEY"]) as deepgram:
+def _postgres_url(url: str) -> str:
+    """The fresh database's URL with a password in it (so the server holds a secret in POSTGRES_URL)."""
+    return url.replace("postgresql://postgres@", f"postgresql://postgres:{PG_PASSWORD}@", 1)
+
+
+async def _wait_for(predicate, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        await asyncio.sleep(0.2)
+    return predicate()
+
+
+@pytest.fixture
+def pg_url():
+    with fresh_postgres_database("secrets") as url:  # asyncio.run inside: not from the async test's loop
+        yield url
+
+
+async def test_a_full_session_logs_no_secret(tmp_path, pg_url):
+    with ThreadedDeepgramTestServer(api_key=SECRETS["DEEPGRAM_API_KEY"]) as deepgram, OpenAITestServer() as llm:
+        # The summary's first call fails (an error path near the key), the retry or the next close succeeds.
+        llm.script(raw(500, {"error": {"message": "boom", "type": "server_error"}}),
+                   *[completion({"title": "Secrets", "overview": "o", "emoji": "🔑", "category": "other",
+                                 "action_items": []})] * 4)
+        secrets = {**SECRETS, "POSTGRES_URL": _postgres_url(pg_url)}
         server = start_server(tmp_path, STT_BACKEND="deepgram", DEEPGRAM_URL=deepgram.url, LOG_LEVEL="DEBUG",
-                              **SECRETS)
+                              DATABASE_CHOICE="postgres", LLM_BASE_URL=llm.base_url, MIN_CONVERSATION_TIMEOUT_S="1",
+                              SWEEP_INTERVAL_S="1", **secrets)
         admin = {"Authorization": f"{SECRETS['ADMIN_KEY']}secret-user"}
         try:
             audio = read_wav(SAMPLE_WAV)[6 * 16000 : 16 * 16000]
-            result = await stream_frames(f"{server.ws}/v4/listen?codec=pcm16&sample_rate=16000",
+            result = await stream_frames(f"{server.ws}/v4/listen?codec=pcm16&sample_rate=16000&conversation_timeout=2",
                                          pcm16_frames(audio), headers=admin,
                                          until=lambda r: len(r.segments) > 0, timeout_s=60)
             assert result.segments and not result.errors()
+            # The conversation closes 2 s after its speech: the summary goes to the LLM with the key.
+            assert await _wait_for(lambda: len(llm.requests) >= 1, 60), server.log_tail()
             # Refusals and failures: a wrong admin key, a key as a bearer token, bad uploads, an admin-only route.
             for refused in (f"Bearer {SECRETS['ADMIN_KEY']}", f"Bearer x{SECRETS['ADMIN_KEY']}secret-user"):
                 with pytest.raises(InvalidStatus):  # refused at the upgrade (no uid; not the key)
@@ -46,12 +90,29 @@ async def test_a_full_session_logs_no_secret(tmp_path):
                                   files={"audio_file": ("x.wav", b"RIFF....junk", "audio/wav")},
                                   data={"segments": "[]"})  # Omi's backend's call: the key, then a bad file
                     assert r.status_code in statuses, r.text
+            conn = await asyncpg.connect(pg_url)  # the server's database really is this one
+            try:
+                assert await conn.fetchval("SELECT count(*) FROM conversations WHERE uid = 'secret-user'") >= 1
+            finally:
+                await conn.close()
         finally:
             stop_server(server)
         connection = deepgram.connections[0]
+    assert llm.requests[0].headers.get("authorization") == f"Bearer {SECRETS['LLM_API_KEY']}"
     log = server.log()
     assert "stream open uid=secret-user" in log  # the log is really being written, at DEBUG
     for name, secret in SECRETS.items():
         assert secret not in log, f"{name} appeared in the server log"
-    assert "pg-pass-7d1e9a" not in log
+    assert PG_PASSWORD not in log
     assert connection.auth_scheme == "Token"  # the key did reach Deepgram, in the header only
+
+
+def test_a_failed_model_download_logs_no_token(tmp_path):
+    """HUGGINGFACE_TOKEN goes to the pyannote download, which fails here (no network): the start fails, and the
+    error the log keeps names the model, not the token."""
+    with pytest.raises(RuntimeError) as failed:
+        start_server(tmp_path, VAD_BACKEND="pyannote", PYANNOTE_SEGMENTATION="pyannote/segmentation-3.0",
+                     HUGGINGFACE_TOKEN=HF_TOKEN, MODEL_CACHE_DIR=str(tmp_path / "models"), LOG_LEVEL="DEBUG")
+    log = "\n".join(p.read_text(errors="replace") for p in tmp_path.glob("server-*.log"))
+    assert "could not load pyannote segmentation model 'pyannote/segmentation-3.0'" in log, str(failed.value)
+    assert HF_TOKEN not in log
