@@ -4,7 +4,8 @@
 1. FCM (`firebase_admin.messaging.send`, run in a thread) when Firebase is configured and the user has an
    `fcm_token`;
 2. a JSON POST `{"title", "body", "uid"}` to the user's `webhook_url` (timeout `HTTP_GET_TIMEOUT`; any 2xx counts);
-3. the log, when the user has neither.
+3. the log, when the user has neither: at INFO only that a notification went there (uid, sizes); its text - a
+   day summary lists the user's conversation titles - at DEBUG.
 It returns the channel that delivered ("fcm", "webhook" or "log"). When every channel the user has fails it raises
 `NotificationError` (the log is not a fallback for a failed push: the job records the failure instead).
 
@@ -79,7 +80,9 @@ class ChannelNotifier(Notifier):
                 log.warning("notification to %s: %s", user.uid, exc)
         if failures:
             raise NotificationError("; ".join(failures))
-        log.info("notification for %s (no push channel): %s | %s", user.uid, title, body)
+        log.info("notification for %s (no push channel): %d-character title, %d-character body", user.uid,
+                 len(title), len(body))
+        log.debug("notification text for %s: %s | %s", user.uid, title, body)
         return "log"
 
     async def _send_fcm(self, user: User, title: str, body: str) -> None:

@@ -271,7 +271,7 @@ def test_user_zone_falls_back_to_utc():
 
 
 async def test_daily_notifications_go_out_once_per_user_in_their_time_zone(tmp_path, storage, webhook, caplog):
-    caplog.set_level(logging.INFO, logger="notify")
+    caplog.set_level(logging.DEBUG, logger="notify")
     await storage.save_user(User("ana", time_zone="Europe/Berlin", webhook_url=f"{webhook.url}/hook?token=SECRET-1"))
     await storage.save_user(User("bob", time_zone="America/New_York"))  # no FCM token, no webhook: the log
     await storage.save_user(User("cy", time_zone="Not/AZone"))  # unknown zone: UTC
@@ -297,11 +297,16 @@ async def test_daily_notifications_go_out_once_per_user_in_their_time_zone(tmp_p
         assert await a.check_notifications(at(dt.UTC, 2025, 6, 2, 8, 0)) == "sent 0"
         assert await a.check_notifications(at(NEW_YORK, 2025, 6, 2, 8, 0)) == "sent 1 (morning bob via log)"
         def logged_lines(uid: str) -> list[str]:
-            return [r.getMessage() for r in caplog.records
-                    if r.name == "notify" and r.getMessage().startswith(f"notification for {uid} (no push channel)")]
+            """The text sent to the log channel (DEBUG); the INFO line says only that it went there."""
+            info = [r.getMessage() for r in caplog.records if r.name == "notify" and r.levelno >= logging.INFO
+                    and r.getMessage().startswith(f"notification for {uid} (no push channel)")]
+            texts = [r.getMessage() for r in caplog.records if r.name == "notify" and r.levelno == logging.DEBUG
+                     and r.getMessage().startswith(f"notification text for {uid}: ")]
+            assert len(info) == len(texts) and not any(MORNING[0] in line or "Your day" in line for line in info)
+            return texts
 
-        assert logged_lines("cy") == [f"notification for cy (no push channel): {MORNING[0]} | {MORNING[1]}"]
-        assert logged_lines("bob") == [f"notification for bob (no push channel): {MORNING[0]} | {MORNING[1]}"]
+        assert logged_lines("cy") == [f"notification text for cy: {MORNING[0]} | {MORNING[1]}"]
+        assert logged_lines("bob") == [f"notification text for bob: {MORNING[0]} | {MORNING[1]}"]
 
         # 22:00 in Berlin: ana's summary of her Berlin day 2025-06-02, oldest first
         await add_conversation(storage, "ana", at(BERLIN, 2025, 6, 2, 0, 30), title="Night owl chat")  # 22:30 UTC
@@ -324,8 +329,7 @@ async def test_daily_notifications_go_out_once_per_user_in_their_time_zone(tmp_p
         assert await a.check_notifications(at(NEW_YORK, 2025, 6, 2, 22, 0)) == "sent 0"
         assert await a.check_notifications(at(NEW_YORK, 2025, 6, 1, 22, 0)) == "sent 1 (evening bob via log)"
         assert webhook.to("bob") == [] and webhook.to("cy") == []
-        assert logged_lines("bob")[-1] == "notification for bob (no push channel): Your day | 1 conversation today: " \
-            "Bob's meeting"
+        assert logged_lines("bob")[-1] == "notification text for bob: Your day | 1 conversation today: Bob's meeting"
         assert "SECRET-1" not in caplog.text
     finally:
         await a.shutdown()
