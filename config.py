@@ -18,9 +18,13 @@ from typing import Literal
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+ADMIN_KEY_MIN_CHARS = 32
+
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore", env_ignore_empty=True)
+    # hide_input_in_errors: a refused setting's error never repeats its value (it may be a secret such as ADMIN_KEY)
+    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore", env_ignore_empty=True,
+                                      hide_input_in_errors=True)
 
     # --- storage (issue 4 builds the backends; the choice and paths live here already) ---
     database_choice: Literal["sqlite", "postgres", "firestore"] = "sqlite"
@@ -29,6 +33,7 @@ class Settings(BaseSettings):
     postgres_url: SecretStr | None = None
 
     # --- auth ---
+    # A prefix of the credential ("<ADMIN_KEY><uid>"): at least ADMIN_KEY_MIN_CHARS, else the server refuses to start
     admin_key: SecretStr | None = None
     firebase_credentials: Path | None = None  # service-account JSON file; enables Firebase ID token verification
     # Omi's name: the service account's JSON text itself (or a path to it), as Omi's backend reads it
@@ -60,6 +65,12 @@ class Settings(BaseSettings):
     pool_max_batch: int = 32
     pool_max_wait_ms: float = 10.0
     pool_queue_size: int = 2048
+    # The batch lane of the speaker pool (/v1/speaker-identification's clips): served only when no live window
+    # waits, in model calls of POOL_BATCH_MAX_BATCH clips (a live window waits at most one such call); never counts
+    # as live saturation. A request submits 2 x POOL_BATCH_MAX_BATCH clips at a time: the queue holds that for
+    # POOL_BATCH_QUEUE_SIZE / (2 x POOL_BATCH_MAX_BATCH) requests at once; beyond, 503 with Retry-After.
+    pool_batch_queue_size: int = Field(default=64, ge=1)
+    pool_batch_max_batch: int = Field(default=4, ge=1)
     # The live streams' VAD: every stream's new frames scored together, one model call per 32 ms step.
     vad_max_batch: int = Field(default=512, ge=1)
     vad_max_wait_ms: float = Field(default=10.0, ge=0)
@@ -89,6 +100,16 @@ class Settings(BaseSettings):
     # --- connections and uploads ---
     max_upload_mb: float = 100.0
     max_upload_seconds: float = 4 * 3600.0
+    max_json_body_kb: float = Field(default=1024.0, gt=0)  # a non-upload (JSON) request body; 413 above
+    # Batch requests (/v1/vad, /v1/speaker-identification) running at once; as many more may wait up to
+    # BATCH_ADMISSION_WAIT_S for a slot (Omi's backend does not retry), beyond: 429 with Retry-After
+    batch_max_concurrent: int = Field(default=2, ge=1)
+    batch_admission_wait_s: float = Field(default=10.0, ge=0)
+    # One /v1/speaker-identification request, checked before its audio is decoded (422 beyond). Omi sends the
+    # segments of one conversation, which tile its audio (at most MAX_UPLOAD_SECONDS, 4 h): 20000 is a segment
+    # every 0.7 s for 4 h, and 8 h of segment time (overlaps count fully) leaves a 4 h conversation twice its length.
+    batch_max_segments: int = Field(default=20000, ge=1)
+    batch_max_segment_seconds: float = Field(default=8 * 3600.0, gt=0)
     idle_timeout_s: float = 90.0  # no message at all (audio, keepalive, text) for this long closes 1001 (Omi: 90)
     min_conversation_timeout_s: int = 120  # Omi's minimum for the conversation_timeout parameter
     heartbeat_s: float = 10.0
@@ -124,6 +145,16 @@ class Settings(BaseSettings):
     notify_morning_at: dt.time = dt.time(8, 0)  # user's local time of the morning reminder
     notify_evening_at: dt.time = dt.time(22, 0)  # user's local time of the daily summary
     retention_days: float = Field(default=0.0, ge=0)  # delete conversations older than this, daily; 0 = keep all
+    # job runs older than this are deleted daily (each job's latest finished run stays); notifications need 2 days
+    job_runs_keep_days: float = Field(default=7.0, ge=2)
+    # a conversation's close (its summary included) unfinished this long is taken again by the sweep (a crashed or
+    # failed close); keep it above LLM_TIMEOUT_S, or a slow summary is made twice
+    conversation_close_lease_s: float = Field(default=300.0, gt=0)
+
+    # --- voice profiles (enforced by storage: see storage.base.merge_profile_embeddings) ---
+    profile_max_embeddings: int = Field(default=64, ge=1)  # rows one profile keeps; beyond, the oldest go
+    profile_dedup_cosine: float = Field(default=0.98, gt=0, le=1)  # a new row this close to a kept one is not added
+    person_sample_max_s: float = Field(default=120.0, gt=0)  # speech of one POST /v1/people/{id}/samples (422 above)
 
     @model_validator(mode="after")
     def _derive(self) -> Settings:
@@ -134,6 +165,10 @@ class Settings(BaseSettings):
         if self.vad_offset > self.vad_onset:
             raise ValueError("VAD_OFFSET must not exceed VAD_ONSET (hysteresis)")
         self.internal_network_list()  # a malformed INTERNAL_NETWORKS fails at start, not on the first call
+        key = self.admin_key.get_secret_value() if self.admin_key is not None else ""
+        if key and len(key) < ADMIN_KEY_MIN_CHARS:  # empty: not set (auth.py); the message never holds the key
+            raise ValueError(f"ADMIN_KEY must be at least {ADMIN_KEY_MIN_CHARS} characters (it is a prefix of every "
+                             f"admin credential); set a longer random key, e.g. `openssl rand -hex 32`")
         return self
 
     @property

@@ -9,6 +9,15 @@
   conversation in Omi's shape (`conversation_wire`). The sweep job closes the
   conversations whose client went away, so none stays `in_progress` until the user reconnects.
 
+No state is left behind and no close is undone, on any number of replicas (storage decides, not this process):
+- A close first claims the conversation in storage (`claim_close`: `in_progress` → `processing` with a lease of
+  `close_lease_s`, CONVERSATION_CLOSE_LEASE_S); one caller wins. It stores its outcome only while it still holds that
+  lease (`finish_close`). A close that raised midway, or whose process died, leaves `processing` with a lease that
+  runs out: the sweep lists such conversations and claims them again (the summary is made again).
+- A stream's writes (`record`, `stream_ended`, a reconnect's `attach`) are compare-and-set on `in_progress`
+  (`update_open_conversation`): once a close claimed the conversation they write nothing and the stream moves on to
+  a new conversation, instead of setting the closed one back to `in_progress`.
+
 `ConversationService` is shared (one per app) and holds no per-stream state, only the registry of which
 connections of a user are listening for conversation events.
 """
@@ -51,16 +60,29 @@ def merge_segments(segments: list[Segment]) -> list[Segment]:
     return merged
 
 
+DEFAULT_CLOSE_LEASE_S = 300.0  # CONVERSATION_CLOSE_LEASE_S's default (config.py)
+
+
 class ConversationClosed(Exception):
     """The conversation was closed (by the sweep, maybe on another replica) while its stream went on."""
 
 
+class SweepIncomplete(Exception):
+    """Some closes of a sweep raised (each logged with its traceback); their conversations stay `processing` until
+    their close lease runs out, and a later sweep takes them again."""
+
+    def __init__(self, closed: int, failed: list[str]) -> None:
+        super().__init__(f"closed {closed}; failed {len(failed)} ({', '.join(failed[:10])})")
+        self.closed, self.failed = closed, failed
+
+
 class ConversationService:
-    def __init__(self, storage: Storage, summarizer: Summarizer | None = None) -> None:
+    def __init__(self, storage: Storage, summarizer: Summarizer | None = None,
+                 close_lease_s: float = DEFAULT_CLOSE_LEASE_S) -> None:
         self.storage = storage
         self.summarizer = summarizer or PlainSummarizer()
+        self.close_lease_s = close_lease_s
         self._listeners: dict[str, set[Listener]] = defaultdict(set)
-        self._closing: set[str] = set()
 
     # -- connections ---------------------------------------------------------------------------------------------
 
@@ -88,9 +110,9 @@ class ConversationService:
         phone, desktop...; a name the app could not show becomes "omi"). A continued one keeps its source."""
         now = time.time() if now is None else now
         for conv in await self.storage.list_conversations(uid, status="in_progress", limit=5):
-            if now - conv.last_activity_at < conv.timeout_s and conv.id not in self._closing:
+            if now - conv.last_activity_at < conv.timeout_s and await self.storage.update_open_conversation(
+                    uid, conv.id, timeout_s=timeout_s):  # False: a close claimed it since the listing
                 conv.timeout_s = timeout_s
-                await self.storage.save_conversation(conv)
                 return conv
         conv = Conversation(uid=uid, language=language, timeout_s=timeout_s, started_at=now, last_activity_at=now,
                             source=wire_source(source))
@@ -98,11 +120,9 @@ class ConversationService:
         return conv
 
     async def stream_ended(self, conversation: Conversation, end_s: float) -> None:
-        """A stream of this conversation ended at conversation time `end_s`: a continuing stream resumes there."""
-        stored = await self.storage.get_conversation(conversation.uid, conversation.id)
-        if stored is not None and stored.status == "in_progress":
-            stored.duration_s = max(stored.duration_s, end_s)
-            await self.storage.save_conversation(stored)
+        """A stream of this conversation ended at conversation time `end_s`: a continuing stream resumes there.
+        Nothing is written once the conversation is closing or closed."""
+        await self.storage.update_open_conversation(conversation.uid, conversation.id, duration_s=end_s)
 
     async def last_memory(self, uid: str) -> Conversation | None:
         done = await self.storage.list_conversations(uid, status="completed", limit=1)
@@ -110,54 +130,77 @@ class ConversationService:
 
     async def record(self, conversation: Conversation, segments: list[Segment], now: float | None = None) -> None:
         """Persist segments (before they are sent) and mark the speech as activity. Raises ConversationClosed if
-        the conversation was closed meanwhile: the caller starts a new one."""
-        stored = await self.storage.get_conversation(conversation.uid, conversation.id)
-        if stored is None or stored.status != "in_progress" or conversation.id in self._closing:
+        the conversation was closed (or is closing) meanwhile: the caller starts a new one.
+
+        The activity is written first, compare-and-set on `in_progress`: after it the sweep cannot claim the
+        conversation (its timeout starts again), so the segments land in an open one. (A close forced over REST
+        in the moment between the two writes stores these segments in the closed conversation, after its summary.)"""
+        now = time.time() if now is None else now
+        duration_s = max([conversation.duration_s] + [s.end for s in segments])
+        if not await self.storage.update_open_conversation(conversation.uid, conversation.id, last_activity_at=now,
+                                                           duration_s=duration_s):
             raise ConversationClosed(conversation.id)
         await self.storage.upsert_segments(conversation.uid, segments)
-        conversation.last_activity_at = time.time() if now is None else now
-        conversation.duration_s = max([conversation.duration_s] + [s.end for s in segments])
-        await self.storage.save_conversation(conversation)
+        conversation.last_activity_at, conversation.duration_s = now, duration_s
 
     # -- closing -------------------------------------------------------------------------------------------------
 
     async def close(self, conversation: Conversation, now: float | None = None) -> Conversation:
-        """in_progress → processing → completed | discarded, with events to the user's connections."""
-        if conversation.id in self._closing:
-            return conversation
-        self._closing.add(conversation.id)
-        try:
-            conversation.status = "processing"
-            await self.storage.save_conversation(conversation)
-            # The events carry the stored segments, with the ids the live stream used and REST returns (so the
-            # app's assign-bulk names segments that exist); the summary reads them merged.
-            stored = await self.storage.list_segments(conversation.uid, conversation.id)
-            await self._notify(conversation.uid, memory_event("memory_processing_started", conversation, stored))
-            segments = merge_segments(stored)
-            conversation.finished_at = time.time() if now is None else now
-            if not any(s.text.strip() for s in segments):
-                conversation.status = "discarded"
-            else:
-                summary = await self.summarizer.summarize(conversation, segments)
-                conversation.title, conversation.overview = summary.title, summary.overview
-                conversation.emoji, conversation.category = summary.emoji, summary.category
-                conversation.action_items = [{"description": item, "completed": False}
-                                             for item in summary.action_items if item.strip()]
-                conversation.status = "completed"
-            await self.storage.save_conversation(conversation)
-            await self._notify(conversation.uid, memory_event("memory_created", conversation, stored))
-            log.info("conversation %s %s (%d segments)", conversation.id, conversation.status, len(segments))
-            return conversation
-        finally:
-            self._closing.discard(conversation.id)
+        """in_progress → processing → completed | discarded, with events to the user's connections; now, whatever
+        its timeout (`POST /v1/conversations`). Returns the outcome; when another caller holds the close (or it is
+        closed already), the conversation as stored."""
+        closed = await self._close(conversation, time.time() if now is None else now, expired_only=False)
+        if closed is not None:
+            return closed
+        return await self.storage.get_conversation(conversation.uid, conversation.id) or conversation
+
+    async def _close(self, conversation: Conversation, now: float, *, expired_only: bool) -> Conversation | None:
+        """The close, if this caller wins its claim (None otherwise). Raises what a step raised: the conversation
+        stays `processing` until its lease runs out, then the sweep takes it again."""
+        claimed = await self.storage.claim_close(conversation.uid, conversation.id, now, self.close_lease_s,
+                                                 expired_only=expired_only)
+        if claimed is None:
+            return None
+        lease_until = claimed.processing_until
+        # The events carry the stored segments, with the ids the live stream used and REST returns (so the app's
+        # assign-bulk names segments that exist); the summary reads them merged.
+        stored = await self.storage.list_segments(claimed.uid, claimed.id)
+        await self._notify(claimed.uid, memory_event("memory_processing_started", claimed, stored))
+        segments = merge_segments(stored)
+        claimed.finished_at = now
+        if not any(s.text.strip() for s in segments):
+            claimed.status = "discarded"
+        else:
+            summary = await self.summarizer.summarize(claimed, segments)
+            claimed.title, claimed.overview = summary.title, summary.overview
+            claimed.emoji, claimed.category = summary.emoji, summary.category
+            claimed.action_items = [{"description": item, "completed": False}
+                                    for item in summary.action_items if item.strip()]
+            claimed.status = "completed"
+        claimed.processing_until = None
+        if not await self.storage.finish_close(claimed, lease_until):
+            log.warning("conversation %s: its close outlasted its lease (CONVERSATION_CLOSE_LEASE_S) and another "
+                        "close took it over; this outcome is dropped", claimed.id)
+            return None
+        await self._notify(claimed.uid, memory_event("memory_created", claimed, stored))
+        log.info("conversation %s %s (%d segments)", claimed.id, claimed.status, len(segments))
+        return claimed
 
     async def close_expired(self, now: float | None = None) -> int:
-        """The sweep: close every conversation whose timeout has passed. Returns how many."""
+        """The sweep: close every conversation whose timeout has passed, and retake every close whose lease ran
+        out (a crash or a failure left it `processing`). Returns how many it closed; raises SweepIncomplete after
+        trying them all when some failed (one bad conversation never blocks the others)."""
         now = time.time() if now is None else now
-        expired = await self.storage.conversations_to_close(now)
-        for conv in expired:
-            await self.close(conv, now)
-        return len(expired)
+        closed, failed = 0, []
+        for conv in await self.storage.conversations_to_close(now):
+            try:
+                closed += await self._close(conv, now, expired_only=True) is not None
+            except Exception:
+                log.exception("conversation %s: close failed; the sweep retries it when its lease runs out", conv.id)
+                failed.append(conv.id)
+        if failed:
+            raise SweepIncomplete(closed, failed)
+        return closed
 
 
 class ConversationLink:

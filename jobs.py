@@ -1,12 +1,15 @@
 """Scheduled jobs (they replace Omi's Modal cron functions), run by APScheduler on the app's event loop.
 
 Jobs:
-- `sweep` every SWEEP_INTERVAL_S: close the conversations whose timeout passed (their client went away).
+- `sweep` every SWEEP_INTERVAL_S: close the conversations whose timeout passed (their client went away), and
+  retake the closes a crash or a failure left `processing` once their lease (CONVERSATION_CLOSE_LEASE_S) ran out.
 - `daily_notifications` every NOTIFY_CHECK_INTERVAL_S: for each user, in the user's time zone (UTC when unknown),
   a morning reminder at NOTIFY_MORNING_AT and, at NOTIFY_EVENING_AT, a summary of that local day's completed
   conversations (none for a day without any). A notification is due when the check's time falls in
   [at, at + interval): the checks are aligned (below), so exactly one check of each day lands in each window.
 - `retention` once a day at 00:00 UTC when RETENTION_DAYS > 0: delete conversations started before now - days.
+- `prune_job_runs` once a day at 00:00 UTC: delete the job runs (the leases below) older than JOB_RUNS_KEEP_DAYS,
+  keeping each job's latest finished run (a sweep every 30 s alone adds 2,880 a day).
 
 Once per tick across replicas. Every replica schedules every job, and the ticks of all replicas fall on the same
 instants: each job's first run is aligned to a multiple of its interval since the epoch (00:00 UTC for a day).
@@ -44,7 +47,7 @@ from fastapi import APIRouter, HTTPException, Request
 
 from auth import AuthError
 from config import Settings
-from conversations import ConversationService
+from conversations import ConversationService, SweepIncomplete
 from notify import ChannelNotifier, Notifier
 from storage import Storage
 from storage.base import User
@@ -107,6 +110,9 @@ class JobRunner:
         self.settings = settings
         self.storage = storage
         self.conversations = conversations
+        # The sweep retakes a close whose lease ran out, so the lease is the jobs' setting (server.py makes the
+        # service before the runner and passes it here; any REST close then claims with the same lease).
+        conversations.close_lease_s = settings.conversation_close_lease_s
         self._owns_notifier = notifier is None
         self.notifier = notifier if notifier is not None else ChannelNotifier(settings)
         self.owner = owner or instance_id()
@@ -124,6 +130,7 @@ class JobRunner:
         self.add_job("daily_notifications", settings.notify_check_interval_s, self.check_notifications)
         if settings.retention_days > 0:
             self.add_job("retention", DAY_S, self.retention)
+        self.add_job("prune_job_runs", DAY_S, self.prune_job_runs)
 
     # -- scheduling ----------------------------------------------------------------------------------------------
 
@@ -262,7 +269,15 @@ class JobRunner:
     # -- the jobs ------------------------------------------------------------------------------------------------
 
     async def sweep(self, now: float | None = None) -> str:
-        return f"closed {await self.conversations.close_expired()}"
+        try:
+            return f"closed {await self.conversations.close_expired()}"
+        except SweepIncomplete as exc:  # each failure is logged already, with its traceback
+            raise JobFailed(str(exc)) from None
+
+    async def prune_job_runs(self, now: float | None = None) -> str:
+        now = time.time() if now is None else now
+        cutoff = now - self.settings.job_runs_keep_days * DAY_S
+        return f"deleted {await self.storage.prune_job_runs(cutoff)} runs older than {_iso(cutoff)}"
 
     async def retention(self, now: float | None = None) -> str:
         now = time.time() if now is None else now

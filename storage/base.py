@@ -50,6 +50,7 @@ class Conversation:
     action_items: list[dict] = field(default_factory=list)  # [{"description": str, "completed": bool}]
     events: list[dict] = field(default_factory=list)  # Omi's calendar events: [{title, start (ISO), duration, ...}]
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    processing_until: float | None = None  # while `processing`: when its close lease runs out (the sweep retakes it)
 
 
 @dataclass
@@ -151,7 +152,30 @@ class Storage(ABC):
 
     @abstractmethod
     async def conversations_to_close(self, now: float, limit: int = 100) -> list[Conversation]:
-        """In-progress conversations of any user whose last activity is older than their timeout."""
+        """Conversations of any user the sweep must close: `in_progress` ones whose last activity is older than their
+        timeout, and `processing` ones whose close lease ran out by `now` (or that have none: a crash, or a close
+        that failed midway, left them)."""
+
+    @abstractmethod
+    async def update_open_conversation(self, uid: str, conversation_id: str, *, last_activity_at: float | None = None,
+                                       duration_s: float | None = None, timeout_s: float | None = None) -> bool:
+        """Compare-and-set on status: only while the conversation is `in_progress`, set `last_activity_at` and
+        `timeout_s` (those given) and raise `duration_s` to at least the given value, in one atomic write. False
+        (nothing written) when it is closed or closing, or not this uid's: a close is never undone by a stream."""
+
+    @abstractmethod
+    async def claim_close(self, uid: str, conversation_id: str, now: float, lease_s: float, *,
+                          expired_only: bool) -> Conversation | None:
+        """Take the close of a conversation, atomically: one `in_progress` (with `expired_only`, only if its timeout
+        has passed at `now`), or one `processing` whose close lease ran out (`close_claimable`), becomes `processing`
+        with `processing_until = now + lease_s`. Returns it as stored after the claim; None when it is not closable
+        (or another caller holds its close): of concurrent callers exactly one wins."""
+
+    @abstractmethod
+    async def finish_close(self, conversation: Conversation, lease_until: float) -> bool:
+        """Store a close's outcome (status, finished_at, title, overview, emoji, category, action_items; the lease
+        cleared) only while the conversation is still `processing` under this lease (`processing_until ==
+        lease_until`). False when another caller took the close over after the lease ran out, or it was deleted."""
 
     @abstractmethod
     async def delete_conversation(self, uid: str, conversation_id: str) -> bool:
@@ -205,6 +229,19 @@ class Storage(ABC):
     @abstractmethod
     async def last_job_runs(self) -> dict[str, dict]:
         """job → {"run_key", "owner", "ok", "detail", "finished_at"} of its latest finished run."""
+
+    @abstractmethod
+    async def prune_job_runs(self, before: float) -> int:
+        """Delete the runs finished before `before` and the unfinished leases that ran out before it, but never a
+        job's latest finished run (what `last_job_runs` reports). Returns how many were deleted."""
+
+
+def close_claimable(status: str, last_activity_at: float, timeout_s: float, processing_until: float | None,
+                    now: float, expired_only: bool) -> bool:
+    """Whether `claim_close` may take this conversation at `now` (the rule the SQL backends write as a WHERE)."""
+    if status == "in_progress":
+        return not expired_only or last_activity_at + timeout_s <= now
+    return status == "processing" and (processing_until is None or processing_until <= now)
 
 
 def status_filter(status: str | None, statuses: Collection[str] | None, include_discarded: bool) -> set[str] | None:

@@ -31,6 +31,10 @@ Same semantics as `storage.sqlite` / `storage.postgres`:
 - Firestore does not cascade deletes: deleting a conversation deletes its document in a transaction, then its
   segments and speaker state in batches. A crash between the two leaves children under a missing document: never
   listed, swept by a later delete of that id, but seen again if the same id were saved anew (ids are random).
+- A conversation's state changes after its creation (`update_open_conversation`, `claim_close`, `finish_close`)
+  are transactions that read the document and write it only if its status (and close lease) still allow it, so a
+  stream's write never undoes a close, and of two claims one wins. `close_at` is the time the sweep must look at
+  it: its timeout while `in_progress`, its close lease's end while `processing`.
 - `save_user` merges, so fields the Omi app keeps in `users/{uid}` survive.
 
 Firestore limits to know: a document is at most 1 MiB (speaker state is one bytes field: saving more than
@@ -53,13 +57,23 @@ import numpy as np
 from google.api_core import exceptions as gexc
 from google.cloud.firestore_v1 import FieldFilter, Query, async_transactional
 
-from storage.base import Conversation, ConversationStatus, Segment, SpeakerProfile, Storage, User, status_filter
+from storage.base import (
+    Conversation,
+    ConversationStatus,
+    Segment,
+    SpeakerProfile,
+    Storage,
+    User,
+    close_claimable,
+    status_filter,
+)
 
 MAX_BLOB_BYTES = 1_000_000  # Firestore: a document (all its fields) is at most 1 MiB
 _DELETE_PAGE = 400  # documents per delete batch (a batch writes at most 500)
 _IN_LIMIT = 30  # values in one `in` filter
 _CONVERSATION_FIELDS = ("id", "uid", "status", "language", "source", "started_at", "last_activity_at", "timeout_s",
-                        "finished_at", "duration_s", "title", "overview", "emoji", "category", "action_items", "events")
+                        "finished_at", "duration_s", "title", "overview", "emoji", "category", "action_items", "events",
+                        "processing_until")
 _CONVERSATION_FLOATS = ("started_at", "last_activity_at", "timeout_s", "duration_s")
 
 
@@ -316,10 +330,62 @@ class FirestoreStorage(Storage):
         # close_at = last_activity_at + timeout_s, stored (Firestore filters on fields, not expressions). The due
         # ones are few (the sweep closes them), so they are ordered by last activity here.
         query = (self.client.collection_group("conversations")
-                 .where(filter=FieldFilter("status", "==", "in_progress"))
+                 .where(filter=FieldFilter("status", "in", ["in_progress", "processing"]))
                  .where(filter=FieldFilter("close_at", "<=", float(now))))
         due = [_to_conversation(s) async for s in query.stream()]
         return sorted(due, key=lambda c: (c.last_activity_at, c.id))[:limit]
+
+    async def update_open_conversation(self, uid: str, conversation_id: str, *, last_activity_at: float | None = None,
+                                       duration_s: float | None = None, timeout_s: float | None = None) -> bool:
+        return await self._transact(self._update_open, self._conversations(uid).document(conversation_id),
+                                    last_activity_at, duration_s, timeout_s)
+
+    @staticmethod
+    async def _update_open(transaction: Any, ref: Any, last_activity_at: float | None, duration_s: float | None,
+                           timeout_s: float | None) -> bool:
+        d = (await ref.get(transaction=transaction)).to_dict() or {}
+        if d.get("status") != "in_progress":
+            return False
+        changes = {"last_activity_at": float(d["last_activity_at"] if last_activity_at is None else last_activity_at),
+                   "timeout_s": float(d["timeout_s"] if timeout_s is None else timeout_s),
+                   "duration_s": max(float(d["duration_s"]), float(duration_s or 0.0))}
+        changes["close_at"] = changes["last_activity_at"] + changes["timeout_s"]
+        transaction.update(ref, changes)
+        return True
+
+    async def claim_close(self, uid: str, conversation_id: str, now: float, lease_s: float, *,
+                          expired_only: bool) -> Conversation | None:
+        return await self._transact(self._claim_close, self._conversations(uid).document(conversation_id),
+                                    float(now), float(now) + float(lease_s), expired_only)
+
+    @staticmethod
+    async def _claim_close(transaction: Any, ref: Any, now: float, until: float,
+                           expired_only: bool) -> Conversation | None:
+        snap = await ref.get(transaction=transaction)
+        if not snap.exists:
+            return None
+        c = _to_conversation(snap)
+        if not close_claimable(c.status, c.last_activity_at, c.timeout_s, c.processing_until, now, expired_only):
+            return None
+        transaction.update(ref, {"status": "processing", "processing_until": until, "close_at": until})
+        c.status, c.processing_until = "processing", until
+        return c
+
+    async def finish_close(self, conversation: Conversation, lease_until: float) -> bool:
+        c = conversation
+        outcome = {"status": c.status, "finished_at": None if c.finished_at is None else float(c.finished_at),
+                   "title": c.title, "overview": c.overview, "emoji": c.emoji, "category": c.category,
+                   "action_items": list(c.action_items), "processing_until": None}
+        return await self._transact(self._finish_close, self._conversations(c.uid).document(c.id), float(lease_until),
+                                    outcome)
+
+    @staticmethod
+    async def _finish_close(transaction: Any, ref: Any, lease_until: float, outcome: dict) -> bool:
+        d = (await ref.get(transaction=transaction)).to_dict() or {}
+        if d.get("status") != "processing" or d.get("processing_until") != lease_until:
+            return False
+        transaction.update(ref, outcome)
+        return True
 
     async def delete_conversation(self, uid: str, conversation_id: str) -> bool:
         return await self._delete_conversation(self._conversations(uid).document(conversation_id))
@@ -456,6 +522,20 @@ class FirestoreStorage(Storage):
                               "finished_at": d["finished_at"]}
         return runs
 
+    async def prune_job_runs(self, before: float) -> int:
+        latest = {(job, run["run_key"]) for job, run in (await self.last_job_runs()).items()}
+        runs = self.client.collection("job_runs")
+        old = [s async for s in runs.where(filter=FieldFilter("finished_at", "<", float(before))).stream()]
+        old += [s async for s in runs.where(filter=FieldFilter("lease_until", "<", float(before))).stream()
+                if s.to_dict().get("finished_at") is None]  # leases that ran out unfinished (null: not above)
+        refs = [s.reference for s in old if (s.to_dict().get("job"), s.to_dict().get("run_key")) not in latest]
+        for chunk in _chunks(refs, _DELETE_PAGE):
+            batch = self.client.batch()
+            for ref in chunk:
+                batch.delete(ref)
+            await batch.commit()
+        return len(refs)
+
 
 # -- helpers ---------------------------------------------------------------------------------------------------------
 
@@ -501,9 +581,12 @@ def _conversation_doc(c: Conversation) -> dict:
     doc["action_items"], doc["events"] = list(doc["action_items"]), list(doc["events"])
     for f in _CONVERSATION_FLOATS:
         doc[f] = float(doc[f])
-    if doc["finished_at"] is not None:
-        doc["finished_at"] = float(doc["finished_at"])
-    doc["close_at"] = doc["last_activity_at"] + doc["timeout_s"]  # for conversations_to_close
+    for f in ("finished_at", "processing_until"):
+        if doc[f] is not None:
+            doc[f] = float(doc[f])
+    # for conversations_to_close: when the sweep must look at it (a closing one: when its close lease runs out)
+    closing = c.status == "processing" and doc["processing_until"] is not None
+    doc["close_at"] = doc["processing_until"] if closing else doc["last_activity_at"] + doc["timeout_s"]
     return doc
 
 

@@ -117,6 +117,10 @@ MIGRATIONS: list[str] = [
         ADD COLUMN action_items JSONB NOT NULL DEFAULT '[]'::jsonb,
         ADD COLUMN events JSONB NOT NULL DEFAULT '[]'::jsonb;
     """,
+    # 4: a closing conversation's lease (the sweep retakes a close that crashed or failed once it runs out)
+    """
+    ALTER TABLE conversations ADD COLUMN processing_until DOUBLE PRECISION;
+    """,
 ]
 
 # pg_advisory_xact_lock keys (one 64-bit space per database): migrations, and one user's user-profile enrolment
@@ -125,9 +129,13 @@ _USER_PROFILE_LOCK_NS = 0x6F6D_6955  # two-int form: (namespace, hashtext(uid))
 
 _SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 _CONVERSATION_FIELDS = ("id", "uid", "status", "language", "source", "started_at", "last_activity_at", "timeout_s",
-                        "finished_at", "duration_s", "title", "overview", "emoji", "category", "action_items", "events")
+                        "finished_at", "duration_s", "title", "overview", "emoji", "category", "action_items", "events",
+                        "processing_until")
 _CONVERSATION_FLOATS = {"started_at", "last_activity_at", "timeout_s", "duration_s"}
 _CONVERSATION_JSON = ("action_items", "events")  # jsonb: asyncpg sends and returns it as JSON text
+# storage.base.close_claimable as SQL; its parameters: $3 now, $4 expired_only
+_CLOSABLE = ("((status = 'in_progress' AND (NOT $4 OR last_activity_at + timeout_s <= $3)) "
+             "OR (status = 'processing' AND (processing_until IS NULL OR processing_until <= $3)))")
 _NOW = "extract(epoch FROM clock_timestamp())"  # the database's clock: one clock for every replica's leases
 
 
@@ -310,8 +318,9 @@ class PostgresStorage(Storage):
         values = [float(getattr(c, f)) if f in _CONVERSATION_FLOATS else getattr(c, f) for f in _CONVERSATION_FIELDS]
         for f in _CONVERSATION_JSON:
             values[_CONVERSATION_FIELDS.index(f)] = json.dumps(getattr(c, f), ensure_ascii=False)
-        if c.finished_at is not None:
-            values[_CONVERSATION_FIELDS.index("finished_at")] = float(c.finished_at)
+        for f in ("finished_at", "processing_until"):
+            if getattr(c, f) is not None:
+                values[_CONVERSATION_FIELDS.index(f)] = float(getattr(c, f))
         saved = await self.pool.fetchval(
             f"INSERT INTO conversations ({cols}) VALUES ({marks}) ON CONFLICT (id) DO UPDATE SET {updates} "
             "WHERE conversations.uid = EXCLUDED.uid RETURNING id", *values)
@@ -343,14 +352,49 @@ class PostgresStorage(Storage):
 
     async def conversations_to_close(self, now: float, limit: int = 100) -> list[Conversation]:
         return await self._conversations(
-            "status = 'in_progress' AND last_activity_at + timeout_s <= $1 ORDER BY last_activity_at LIMIT $2",
+            "(status = 'in_progress' AND last_activity_at + timeout_s <= $1) OR (status = 'processing' AND "
+            "(processing_until IS NULL OR processing_until <= $1)) ORDER BY last_activity_at LIMIT $2",
             float(now), int(limit))
 
+    async def update_open_conversation(self, uid: str, conversation_id: str, *, last_activity_at: float | None = None,
+                                       duration_s: float | None = None, timeout_s: float | None = None) -> bool:
+        sets, args = ["status = status"], [uid, conversation_id]
+        for clause, value in (("last_activity_at = {}", last_activity_at), ("timeout_s = {}", timeout_s),
+                              ("duration_s = GREATEST(duration_s, {})", duration_s)):
+            if value is not None:
+                args.append(float(value))
+                sets.append(clause.format(f"${len(args)}"))
+        status = await self.pool.execute(f"UPDATE conversations SET {', '.join(sets)} "
+                                         "WHERE uid = $1 AND id = $2 AND status = 'in_progress'", *args)
+        return _count(status) > 0
+
+    async def claim_close(self, uid: str, conversation_id: str, now: float, lease_s: float, *,
+                          expired_only: bool) -> Conversation | None:
+        # One UPDATE: a concurrent claim or update_open_conversation waits for this row and re-checks the WHERE on
+        # what this one committed, so exactly one claim wins and no stream write lands after it.
+        claimed = await self._conversations_returned(
+            f"UPDATE conversations SET status = 'processing', processing_until = $3 + $5 "
+            f"WHERE uid = $1 AND id = $2 AND {_CLOSABLE} RETURNING {', '.join(_CONVERSATION_FIELDS)}",
+            uid, conversation_id, float(now), bool(expired_only), float(lease_s))
+        return claimed[0] if claimed else None
+
+    async def finish_close(self, conversation: Conversation, lease_until: float) -> bool:
+        c = conversation
+        status = await self.pool.execute(
+            "UPDATE conversations SET status = $3, finished_at = $4, title = $5, overview = $6, emoji = $7, "
+            "category = $8, action_items = $9, processing_until = NULL "
+            "WHERE uid = $1 AND id = $2 AND status = 'processing' AND processing_until = $10",
+            c.uid, c.id, c.status, None if c.finished_at is None else float(c.finished_at), c.title, c.overview,
+            c.emoji, c.category, json.dumps(c.action_items, ensure_ascii=False), float(lease_until))
+        return _count(status) > 0
+
     async def _conversations(self, where: str, *args: object) -> list[Conversation]:
-        rows = await self.pool.fetch(f"SELECT {', '.join(_CONVERSATION_FIELDS)} FROM conversations WHERE {where}",
-                                     *args)
+        return await self._conversations_returned(
+            f"SELECT {', '.join(_CONVERSATION_FIELDS)} FROM conversations WHERE {where}", *args)
+
+    async def _conversations_returned(self, sql: str, *args: object) -> list[Conversation]:
         found = []
-        for r in rows:
+        for r in await self.pool.fetch(sql, *args):
             fields = dict(r)
             for f in _CONVERSATION_JSON:
                 fields[f] = json.loads(fields[f])
@@ -443,6 +487,13 @@ class PostgresStorage(Storage):
             "WHERE finished_at IS NOT NULL ORDER BY job, finished_at DESC")
         return {r["job"]: {"run_key": r["run_key"], "owner": r["owner"], "ok": bool(r["ok"]), "detail": r["detail"],
                            "finished_at": r["finished_at"]} for r in rows}
+
+    async def prune_job_runs(self, before: float) -> int:
+        return _count(await self.pool.execute(
+            "DELETE FROM job_runs WHERE (finished_at IS NULL AND lease_until < $1) OR (finished_at < $1 AND EXISTS "
+            "(SELECT 1 FROM job_runs AS later WHERE later.job = job_runs.job AND later.finished_at > "
+            "job_runs.finished_at))",
+            float(before)))
 
 
 def _matrix(embeddings: np.ndarray) -> np.ndarray:

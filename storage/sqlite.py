@@ -59,7 +59,8 @@ CREATE TABLE IF NOT EXISTS conversations (
     emoji TEXT,
     category TEXT,
     action_items TEXT NOT NULL DEFAULT '[]',
-    events TEXT NOT NULL DEFAULT '[]'
+    events TEXT NOT NULL DEFAULT '[]',
+    processing_until REAL
 );
 CREATE INDEX IF NOT EXISTS conversations_uid ON conversations (uid, started_at);
 CREATE INDEX IF NOT EXISTS conversations_open ON conversations (status, last_activity_at);
@@ -94,13 +95,17 @@ CREATE TABLE IF NOT EXISTS job_runs (
 """
 
 _CONVERSATION_FIELDS = ("id", "uid", "status", "language", "source", "started_at", "last_activity_at", "timeout_s",
-                        "finished_at", "duration_s", "title", "overview", "emoji", "category", "action_items", "events")
+                        "finished_at", "duration_s", "title", "overview", "emoji", "category", "action_items", "events",
+                        "processing_until")
 _JSON_FIELDS = ("action_items", "events")  # lists of objects, stored as JSON text
 # Columns added after the first release: a database file made before gets them at open (CREATE TABLE IF NOT EXISTS
 # leaves an existing table as it was).
 _ADDED_COLUMNS = {"conversations": (("emoji", "TEXT"), ("category", "TEXT"),
                                     ("action_items", "TEXT NOT NULL DEFAULT '[]'"),
-                                    ("events", "TEXT NOT NULL DEFAULT '[]'"))}
+                                    ("events", "TEXT NOT NULL DEFAULT '[]'"), ("processing_until", "REAL"))}
+# storage.base.close_claimable as SQL; its parameters: expired_only (0/1), now, now
+_CLOSABLE = ("((status = 'in_progress' AND (? = 0 OR last_activity_at + timeout_s <= ?)) "
+             "OR (status = 'processing' AND (processing_until IS NULL OR processing_until <= ?)))")
 _SEGMENT_FIELDS = ("id", "conversation_id", "text", "speaker", "speaker_id", "is_user", "person_id", "start", "end")
 
 
@@ -264,19 +269,44 @@ class SqliteStorage(Storage):
 
     async def conversations_to_close(self, now: float, limit: int = 100) -> list[Conversation]:
         return await self._conversations(
-            "status = 'in_progress' AND last_activity_at + timeout_s <= ? ORDER BY last_activity_at LIMIT ?",
-            (now, limit))
+            "(status = 'in_progress' AND last_activity_at + timeout_s <= ?) OR (status = 'processing' AND "
+            "(processing_until IS NULL OR processing_until <= ?)) ORDER BY last_activity_at LIMIT ?", (now, now, limit))
+
+    async def update_open_conversation(self, uid: str, conversation_id: str, *, last_activity_at: float | None = None,
+                                       duration_s: float | None = None, timeout_s: float | None = None) -> bool:
+        sets, args = ["status = status"], []
+        for clause, value in (("last_activity_at = ?", last_activity_at), ("timeout_s = ?", timeout_s),
+                              ("duration_s = MAX(duration_s, ?)", duration_s)):
+            if value is not None:
+                sets.append(clause)
+                args.append(float(value))
+        return await self._run(self._write, f"UPDATE conversations SET {', '.join(sets)} "
+                               "WHERE uid = ? AND id = ? AND status = 'in_progress'", (*args, uid, conversation_id)) > 0
+
+    async def claim_close(self, uid: str, conversation_id: str, now: float, lease_s: float, *,
+                          expired_only: bool) -> Conversation | None:
+        def claim() -> list[tuple]:
+            with _transaction(self._db):
+                return self._db.execute(
+                    f"UPDATE conversations SET status = 'processing', processing_until = ? "
+                    f"WHERE uid = ? AND id = ? AND {_CLOSABLE} RETURNING {', '.join(_CONVERSATION_FIELDS)}",
+                    (now + lease_s, uid, conversation_id, int(expired_only), now, now)).fetchall()
+
+        claimed = _to_conversations(await self._run(claim))
+        return claimed[0] if claimed else None
+
+    async def finish_close(self, conversation: Conversation, lease_until: float) -> bool:
+        c = conversation
+        return await self._run(
+            self._write, "UPDATE conversations SET status = ?, finished_at = ?, title = ?, overview = ?, emoji = ?, "
+            "category = ?, action_items = ?, processing_until = NULL "
+            "WHERE uid = ? AND id = ? AND status = 'processing' AND processing_until = ?",
+            (c.status, c.finished_at, c.title, c.overview, c.emoji, c.category,
+             json.dumps(c.action_items, ensure_ascii=False), c.uid, c.id, lease_until)) > 0
 
     async def _conversations(self, where: str, args: tuple) -> list[Conversation]:
-        rows = await self._run(self._read, f"SELECT {', '.join(_CONVERSATION_FIELDS)} FROM conversations "
-                               f"WHERE {where}", args)
-        found = []
-        for r in rows:
-            fields = dict(zip(_CONVERSATION_FIELDS, r, strict=True))
-            for f in _JSON_FIELDS:
-                fields[f] = json.loads(fields[f])
-            found.append(Conversation(**fields))
-        return found
+        return _to_conversations(await self._run(
+            self._read, f"SELECT {', '.join(_CONVERSATION_FIELDS)} FROM conversations WHERE {where}", args))
 
     async def delete_conversation(self, uid: str, conversation_id: str) -> bool:
         return await self._run(self._write, "DELETE FROM conversations WHERE uid = ? AND id = ?",
@@ -351,6 +381,9 @@ class SqliteStorage(Storage):
         return {r[0]: {"run_key": r[1], "owner": r[2], "ok": bool(r[3]), "detail": r[4], "finished_at": r[5]}
                 for r in rows}
 
+    async def prune_job_runs(self, before: float) -> int:
+        return await self._run(self._write, _PRUNE_JOB_RUNS, (before, before))
+
     # -- plumbing (on the storage thread) ------------------------------------------------------------------------
 
     def _read(self, sql: str, args: tuple) -> list[tuple]:
@@ -363,6 +396,22 @@ class SqliteStorage(Storage):
     def _upsert(self, table: str, key: str, row: dict[str, Any]) -> None:
         with _transaction(self._db):
             _upsert(self._db, table, key, row)
+
+
+# Storage.prune_job_runs: every job's latest finished run stays (its parameters: the cutoff, twice)
+_PRUNE_JOB_RUNS = (
+    "DELETE FROM job_runs WHERE (finished_at IS NULL AND lease_until < ?) OR (finished_at < ? AND EXISTS ("
+    "SELECT 1 FROM job_runs AS later WHERE later.job = job_runs.job AND later.finished_at > job_runs.finished_at))")
+
+
+def _to_conversations(rows: list[tuple]) -> list[Conversation]:
+    found = []
+    for r in rows:
+        fields = dict(zip(_CONVERSATION_FIELDS, r, strict=True))
+        for f in _JSON_FIELDS:
+            fields[f] = json.loads(fields[f])
+        found.append(Conversation(**fields))
+    return found
 
 
 class _transaction:

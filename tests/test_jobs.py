@@ -365,7 +365,7 @@ async def test_retention_deletes_old_conversations_only_when_enabled(tmp_path, s
 
     off = JobRunner(settings(tmp_path), storage, ConversationService(storage))
     off.start()
-    assert [j["name"] for j in await off.status()] == ["sweep", "daily_notifications"]
+    assert [j["name"] for j in await off.status()] == ["sweep", "daily_notifications", "prune_job_runs"]
     with pytest.raises(KeyError):
         await off.run_now("retention")
     await off.shutdown()
@@ -374,7 +374,7 @@ async def test_retention_deletes_old_conversations_only_when_enabled(tmp_path, s
     on.start()
     try:
         jobs = {j["name"]: j for j in await on.status()}
-        assert list(jobs) == ["sweep", "daily_notifications", "retention"]
+        assert list(jobs) == ["sweep", "daily_notifications", "retention", "prune_job_runs"]
         next_run = dt.datetime.fromisoformat(jobs["retention"]["next_run"])
         assert (next_run.hour, next_run.minute, next_run.second) == (0, 0, 0)  # daily at 00:00 UTC
         assert 0 < next_run.timestamp() - now <= 86400
@@ -392,6 +392,9 @@ async def test_retention_deletes_old_conversations_only_when_enabled(tmp_path, s
 # -- GET /v1/jobs -----------------------------------------------------------------------------------------------------
 
 
+JOBS_ADMIN_KEY = "jobs-admin-key-3e9b1c7a5d2f8e4b0c"  # ADMIN_KEY_MIN_CHARS (32) or more
+
+
 def jobs_app(s: Settings, runner: JobRunner) -> FastAPI:
     app = FastAPI()
     app.include_router(router)
@@ -401,17 +404,17 @@ def jobs_app(s: Settings, runner: JobRunner) -> FastAPI:
 
 
 async def test_jobs_route_is_admin_only(tmp_path, storage):
-    s = settings(tmp_path, admin_key="admin-secret")
+    s = settings(tmp_path, admin_key=JOBS_ADMIN_KEY)
     runner = JobRunner(s, storage, ConversationService(storage))
     runner.start()
     try:
         await runner.run_now("sweep")
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=jobs_app(s, runner)),
                                      base_url="http://test") as client:
-            response = await client.get("/v1/jobs", headers={"Authorization": "admin-secret"})
+            response = await client.get("/v1/jobs", headers={"Authorization": JOBS_ADMIN_KEY})
             assert response.status_code == 200
             jobs = {j["name"]: j for j in response.json()}
-            assert list(jobs) == ["sweep", "daily_notifications"]
+            assert list(jobs) == ["sweep", "daily_notifications", "prune_job_runs"]
             assert set(jobs["sweep"]) == {"name", "interval_s", "next_run", "last_result"}
             assert dt.datetime.fromisoformat(jobs["sweep"]["next_run"]).timestamp() > time.time() - 1
             last = jobs["sweep"]["last_result"]
@@ -419,7 +422,7 @@ async def test_jobs_route_is_admin_only(tmp_path, storage):
             assert dt.datetime.fromisoformat(last["finished_at"]).timestamp() == pytest.approx(time.time(), abs=30)
             assert jobs["daily_notifications"]["last_result"] is None
             # an admin acting for a uid is still the admin
-            assert (await client.get("/v1/jobs", headers={"Authorization": "admin-secretana"})).status_code == 200
+            assert (await client.get("/v1/jobs", headers={"Authorization": JOBS_ADMIN_KEY + "ana"})).status_code == 200
             assert (await client.get("/v1/jobs")).status_code == 401
             assert (await client.get("/v1/jobs", headers={"Authorization": "Bearer ana"})).status_code == 401
             assert (await client.get("/v1/jobs", headers={"Authorization": "wrong-key"})).status_code == 401

@@ -538,6 +538,89 @@ async def test_speaker_state_for_another_users_conversation_is_refused(store: St
     assert await store.load_speaker_state("a", c.id) == b"mine"
 
 
+# -- conversation state: compare-and-set writes, close claims with a lease ---------------------------------------------
+
+
+async def test_update_open_conversation_writes_only_while_in_progress(store: Storage) -> None:
+    conv = conversation("a", last_activity_at=T0, timeout_s=120, duration_s=30.0)
+    await store.save_conversation(conv)
+    assert await store.update_open_conversation("a", conv.id, last_activity_at=T0 + 5, duration_s=12.0) is True
+    got = await store.get_conversation("a", conv.id)
+    assert (got.last_activity_at, got.duration_s, got.timeout_s) == (T0 + 5, 30.0, 120)  # duration only grows
+    assert await store.update_open_conversation("a", conv.id, duration_s=45.5, timeout_s=300) is True
+    got = await store.get_conversation("a", conv.id)
+    assert (got.last_activity_at, got.duration_s, got.timeout_s) == (T0 + 5, 45.5, 300)
+    assert await store.update_open_conversation("b", conv.id, last_activity_at=T0 + 9) is False  # another user's
+    assert await store.update_open_conversation("a", "no-such-id", last_activity_at=T0 + 9) is False
+    for status in ("processing", "completed", "discarded"):
+        closed = conversation("a", status=status, last_activity_at=T0, duration_s=1.0)
+        await store.save_conversation(closed)
+        assert await store.update_open_conversation("a", closed.id, last_activity_at=T0 + 9, duration_s=9) is False
+        assert await store.get_conversation("a", closed.id) == closed
+
+
+async def test_a_stream_write_after_a_close_never_reopens_the_conversation(store: Storage) -> None:
+    """The race a stream's read-await-write lost to the sweep, forced: the stream reads the conversation, the sweep
+    closes it, then the stream writes its activity."""
+    conv = conversation("a", last_activity_at=T0, timeout_s=60)
+    await store.save_conversation(conv)
+    seen_by_stream = await store.get_conversation("a", conv.id)
+    assert seen_by_stream.status == "in_progress"
+    claimed = await store.claim_close("a", conv.id, T0 + 61, 300.0, expired_only=True)
+    assert claimed is not None and claimed.status == "processing" and claimed.processing_until == T0 + 361
+    # between the claim and the outcome the stream writes nothing either
+    assert await store.update_open_conversation("a", conv.id, last_activity_at=T0 + 62, duration_s=70) is False
+    claimed.status, claimed.title, claimed.finished_at = "completed", "Closed by the sweep", T0 + 62
+    claimed.overview, claimed.emoji, claimed.category = "o", "🧠", "work"
+    claimed.action_items = [{"description": "call back", "completed": False}]
+    assert await store.finish_close(claimed, T0 + 361) is True
+    assert await store.update_open_conversation("a", conv.id, last_activity_at=T0 + 63, duration_s=80) is False
+    stored = await store.get_conversation("a", conv.id)
+    assert stored.status == "completed" and stored.title == "Closed by the sweep" and stored.processing_until is None
+    assert (stored.last_activity_at, stored.duration_s, stored.finished_at) == (T0, 0.0, T0 + 62)
+    assert stored.action_items == [{"description": "call back", "completed": False}] and stored.category == "work"
+    assert await store.conversations_to_close(T0 + 10_000) == []
+
+
+async def test_claim_close_respects_the_timeout_and_has_one_winner(store: Storage) -> None:
+    conv = conversation("a", last_activity_at=T0, timeout_s=60)
+    await store.save_conversation(conv)
+    assert await store.claim_close("a", conv.id, T0 + 59, 30.0, expired_only=True) is None  # spoken to lately
+    assert await store.claim_close("b", conv.id, T0 + 61, 30.0, expired_only=False) is None  # not b's
+    assert (await store.get_conversation("a", conv.id)).status == "in_progress"
+    claims = await asyncio.gather(*(store.claim_close("a", conv.id, T0 + 61 + i / 100, 30.0, expired_only=True)
+                                    for i in range(10)))
+    winners = [c for c in claims if c is not None]
+    assert len(winners) == 1 and winners[0].processing_until == (await store.get_conversation("a", conv.id)
+                                                                 ).processing_until
+    # A forced close (POST /v1/conversations) needs no timeout, but never takes a close another caller holds.
+    fresh = conversation("a", last_activity_at=T0 + 100, timeout_s=60)
+    await store.save_conversation(fresh)
+    assert (await store.claim_close("a", fresh.id, T0 + 101, 30.0, expired_only=False)).status == "processing"
+    assert await store.claim_close("a", fresh.id, T0 + 102, 30.0, expired_only=False) is None
+
+
+async def test_a_close_whose_lease_ran_out_is_listed_and_taken_again(store: Storage) -> None:
+    conv = conversation("a", last_activity_at=T0, timeout_s=60)
+    legacy = conversation("b", last_activity_at=T0, timeout_s=60, status="processing")  # no lease recorded
+    await store.save_conversation(conv)
+    await store.save_conversation(legacy)
+    first = await store.claim_close("a", conv.id, T0 + 100, 50.0, expired_only=True)
+    assert first.processing_until == T0 + 150
+    assert [c.id for c in await store.conversations_to_close(T0 + 149)] == [legacy.id]  # a's lease holds
+    assert await store.claim_close("a", conv.id, T0 + 149, 50.0, expired_only=True) is None
+    assert sorted(c.id for c in await store.conversations_to_close(T0 + 150)) == sorted([conv.id, legacy.id])
+    second = await store.claim_close("a", conv.id, T0 + 150, 50.0, expired_only=True)  # the first close died
+    assert second is not None and second.processing_until == T0 + 200
+    first.status = "completed"
+    assert await store.finish_close(first, T0 + 150) is False  # the first closer woke up late: dropped
+    assert (await store.get_conversation("a", conv.id)).status == "processing"
+    second.status, second.title = "discarded", None
+    assert await store.finish_close(second, T0 + 200) is True
+    assert (await store.get_conversation("a", conv.id)).status == "discarded"
+    assert (await store.claim_close("b", legacy.id, T0 + 1, 50.0, expired_only=True)).processing_until == T0 + 51
+
+
 # -- job leases --------------------------------------------------------------------------------------------------------
 
 
@@ -599,6 +682,27 @@ async def test_last_job_runs_reports_the_latest_finished_run_per_job(store: Stor
         {"run_key": "day-2", "owner": "r1", "ok": False, "detail": "smtp down"}
     assert before - 5 <= digest["finished_at"] <= time.time() + 5
     assert last["webhooks"]["ok"] is True
+
+
+async def test_prune_job_runs_keeps_each_jobs_latest_finished_run_and_live_leases(store: Storage) -> None:
+    for key in ("t-1", "t-2", "t-3"):
+        assert await store.acquire_job_run("sweep", key, "r1", 60.0)
+        await store.finish_job_run("sweep", key, "r1", True, key)
+        await asyncio.sleep(0.01)
+    assert await store.acquire_job_run("retention", "d-1", "r1", 60.0)
+    await store.finish_job_run("retention", "d-1", "r1", False, "only run")
+    assert await store.acquire_job_run("digest", "crashed", "r1", 0.0)  # ran out unfinished
+    assert await store.acquire_job_run("digest", "running", "r1", 3600.0)  # held now
+    assert await store.prune_job_runs(time.time() - 3600) == 0  # nothing that old
+    latest = await store.last_job_runs()
+
+    assert await store.prune_job_runs(time.time() + 60) == 3  # sweep t-1, t-2 and the crashed lease
+    assert await store.last_job_runs() == latest
+    assert latest["sweep"]["run_key"] == "t-3" and latest["retention"]["run_key"] == "d-1"
+    assert await store.acquire_job_run("sweep", "t-3", "r2", 60.0) is False  # kept: still done
+    assert await store.acquire_job_run("digest", "running", "r2", 60.0) is False  # kept: still held
+    assert await store.acquire_job_run("sweep", "t-1", "r2", 60.0) is True  # gone
+    assert await store.prune_job_runs(time.time() + 30) == 0  # the new t-1 lease holds for 60 s
 
 
 # -- PostgreSQL only: migrations, replicas, failures -------------------------------------------------------------------
