@@ -6,7 +6,13 @@ Accepted, in this order:
    with the key; `utils/other/endpoints.py` `verify_token`) and the bare `Authorization: <ADMIN_KEY><uid>` (Omi's
    older backend found the key anywhere in the header). The key alone acts for no user (admin routes);
 2. `Authorization: Bearer <Firebase ID token>` verified with firebase-admin when Firebase is configured;
-3. with neither configured (a development set-up), `Authorization: Bearer <uid>` from loopback clients only.
+3. with neither configured (a development set-up), `Authorization: Bearer <uid>` from loopback clients only, and
+   only from requests that came straight to the server: one carrying a proxy header (`PROXY_HEADERS`) is refused,
+   since behind a proxy the peer is the proxy (often on loopback itself), and uvicorn run with `--proxy-headers`
+   (`--forwarded-allow-ips`) takes the client address from `X-Forwarded-For`, which anyone can write.
+
+`caller`'s `headers` are the request's headers (HTTP and WebSocket call sites pass them): without them, only the
+client address counts.
 
 Separately, `Authenticator.internal` tells whether a request without user credentials comes from Omi's own backend
 (which calls `/v1/speaker-identification?uid=` with no Authorization header): the shared secret `INTERNAL_API_KEY`
@@ -33,6 +39,8 @@ log = logging.getLogger(__name__)
 
 _UID = re.compile(r"^[A-Za-z0-9_\-.:@]{1,128}$")
 INTERNAL_KEY_HEADER = "x-internal-key"
+# Headers a proxy adds (RFC 7239 and the de-facto pair): their presence means the address is not the client's own.
+PROXY_HEADERS = ("x-forwarded-for", "x-real-ip", "forwarded")
 
 
 def firebase_app(settings: Settings):
@@ -70,8 +78,6 @@ class Caller:
 def is_loopback(host: str | None) -> bool:
     if not host:
         return False
-    if host == "testclient":  # starlette's in-process test client
-        return True
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
@@ -127,13 +133,15 @@ class Authenticator:
                 "'Authorization: Bearer <uid>'. Configure auth before exposing this server."
             )
 
-    async def uid_for(self, authorization: str | None, client_host: str | None) -> str:
-        caller = await self.caller(authorization, client_host)
+    async def uid_for(self, authorization: str | None, client_host: str | None,
+                      headers: Mapping[str, str] | None = None) -> str:
+        caller = await self.caller(authorization, client_host, headers)
         if caller.uid is None:
             raise AuthError("the admin key needs a uid: 'Authorization: Bearer <ADMIN_KEY><uid>'")
         return caller.uid
 
-    async def caller(self, authorization: str | None, client_host: str | None) -> Caller:
+    async def caller(self, authorization: str | None, client_host: str | None,
+                     headers: Mapping[str, str] | None = None) -> Caller:
         header = (authorization or "").strip()
         if not header:
             raise AuthError("missing Authorization header")
@@ -159,6 +167,9 @@ class Authenticator:
         if self.open_loopback:
             if not is_loopback(client_host):
                 raise AuthError("unauthenticated mode accepts loopback clients only")
+            if headers is not None and any(headers.get(name) is not None for name in PROXY_HEADERS):
+                raise AuthError("unauthenticated mode refuses requests that came through a proxy (X-Forwarded-For, "
+                                "X-Real-IP or Forwarded): configure ADMIN_KEY or Firebase to serve behind one")
             return Caller(checked_uid(value))
         raise AuthError("invalid credentials")
 

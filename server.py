@@ -252,7 +252,7 @@ async def listen(websocket: WebSocket) -> None:
     s: Settings = st.settings
     try:
         uid = await st.authenticator.uid_for(websocket.headers.get("authorization"),
-                                             websocket.client.host if websocket.client else None)
+                                             websocket.client.host if websocket.client else None, websocket.headers)
     except AuthError as exc:
         code = getattr(exc, "close_code", None)
         log.info("stream refused at the upgrade: %s", exc)

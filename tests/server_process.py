@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,12 +52,13 @@ class ServerProcess:
 
 
 def start_server(workdir: Path, env: dict[str, str] | None = None, *, cwd: Path = REPO,
-                 timeout_s: float = 120.0) -> ServerProcess:
+                 timeout_s: float = 120.0, extra_args: Sequence[str] = ()) -> ServerProcess:
     """Runs `python -m uvicorn server:app` with the app from `cwd` and `DATA_DIR` under `workdir`; returns once /ready
     is 200. Raises RuntimeError (with the log's tail) if it exits or is not ready in `timeout_s`.
 
     The process runs in `workdir` (the app found with `--app-dir`): the settings read `.env` from the working
-    directory, and a developer's `.env` in the checkout must not change what the tests test."""
+    directory, and a developer's `.env` in the checkout must not change what the tests test. `extra_args` go to
+    uvicorn after the defaults (a later `--host` wins)."""
     port = free_port()
     workdir.mkdir(parents=True, exist_ok=True)
     full_env = {k: v for k, v in os.environ.items() if not k.startswith(SCRUBBED_ENV_PREFIXES)}
@@ -65,7 +67,7 @@ def start_server(workdir: Path, env: dict[str, str] | None = None, *, cwd: Path 
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "server:app", "--app-dir", str(Path(cwd).resolve()),
-             "--host", "127.0.0.1", "--port", str(port)],
+             "--host", "127.0.0.1", "--port", str(port), *extra_args],
             cwd=workdir, env=full_env, stdout=log, stderr=subprocess.STDOUT,
         )
     server = ServerProcess(port, proc, log_path)

@@ -6,14 +6,17 @@ Firebase ID-token verification needs Google's public keys over the network, so i
 from __future__ import annotations
 
 import contextlib
+import socket
 
+import httpx
 import pytest
+import server_process
 from conftest import silence_frames, start_server, stop_server, stream_frames
 
-from auth import Authenticator, AuthError, is_loopback
+from auth import PROXY_HEADERS, Authenticator, AuthError, is_loopback
 from config import Settings
 
-ADMIN_KEY = "adm-secret-xyz"
+ADMIN_KEY = "adm-secret-xyz-4f1c9e2b7d3a8c6e5f01"  # ADMIN_KEY_MIN_CHARS (32) or more
 
 
 def authenticator(admin_key: str | None = None, **settings) -> Authenticator:
@@ -60,6 +63,19 @@ def test_is_loopback():
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
     assert not is_loopback("10.1.2.3") and not is_loopback("2001:db8::1") and not is_loopback(None)
     assert not is_loopback("not-an-ip")
+    assert not is_loopback("testclient")  # starlette's in-process client has no hook in production code
+
+
+@pytest.mark.parametrize("header", ["X-Forwarded-For", "x-real-ip", "Forwarded"])
+async def test_loopback_mode_refuses_proxied_requests(header):
+    from starlette.datastructures import Headers
+
+    auth = authenticator()
+    headers = Headers({"authorization": "Bearer user-1", header: "127.0.0.1"})
+    with pytest.raises(AuthError, match="proxy"):
+        await auth.caller("Bearer user-1", "127.0.0.1", headers)
+    assert await auth.caller("Bearer user-1", "127.0.0.1", Headers({"authorization": "Bearer user-1"}))
+    assert (await authenticator(ADMIN_KEY).caller(f"{ADMIN_KEY}u1", "10.1.2.3", headers)).uid == "u1"  # auth on
 
 
 # --- ADMIN_KEY configured ----------------------------------------------------------------------------------------
@@ -96,15 +112,15 @@ async def test_empty_admin_key_is_no_key():
 
 
 @pytest.mark.parametrize("header", [
-    "adm-secret-abcuser42",  # wrong key, same length
-    "adm-secretuser42",  # a prefix of the key
-    "ADM-SECRET-XYZuser42",  # case matters
-    "xadm-secret-xyzuser42",
+    ADMIN_KEY[:-3] + "abcuser42",  # wrong key, same length
+    ADMIN_KEY[:-1] + "user42",  # a prefix of the key
+    ADMIN_KEY.upper() + "user42",  # case matters
+    "x" + ADMIN_KEY + "user42",
     ADMIN_KEY,  # the key and no uid
     f"{ADMIN_KEY} user42",  # uid with a space
     f"{ADMIN_KEY}" + "u" * 300,  # uid too long
     "Bearer x",  # no loopback fallback once auth is configured
-    "Bearer adm-secret-abcuser42",  # Bearer form, wrong key
+    f"Bearer {ADMIN_KEY[:-3]}abcuser42",  # Bearer form, wrong key
     f"Bearer {ADMIN_KEY} user42",  # three parts
     f"Bearer x {ADMIN_KEY}user42",
     f"Bearer {ADMIN_KEY}bad/uid",
@@ -120,7 +136,7 @@ async def test_admin_key_refusals_never_echo_credentials(header):
     message = str(info.value)
     assert ADMIN_KEY not in message and ADMIN_KEY.lower() not in message.lower()
     assert header not in message
-    for secret_part in ("secret", "xyz", "user42", "abc"):
+    for secret_part in ("secret", "xyz", "user42", "abc", ADMIN_KEY[-8:]):
         assert secret_part not in message
 
 
@@ -188,9 +204,9 @@ def _listen(server) -> str:
 
 @pytest.mark.parametrize("headers", [
     {},
-    {"Authorization": "adm-secret-abcuser42"},
+    {"Authorization": ADMIN_KEY[:-3] + "abcuser42"},
     {"Authorization": "Bearer someone"},
-    {"Authorization": "Bearer adm-secret-abcuser42"},
+    {"Authorization": f"Bearer {ADMIN_KEY[:-3]}abcuser42"},
     {"Authorization": f"Bearer {ADMIN_KEY}"},
     {"Authorization": "ééééééééééééééééé"},
 ], ids=["none", "wrong-key", "bearer-uid", "bearer-wrong-key", "bearer-key-no-uid", "non-ascii"])
@@ -225,7 +241,7 @@ async def test_server_log_never_holds_the_admin_key(admin_server):
     from websockets.exceptions import InvalidStatus
 
     with contextlib.suppress(InvalidStatus):  # refused at the upgrade, or closed after it
-        await stream_frames(_listen(admin_server), [], headers={"Authorization": "adm-secret-abcuser42"},
+        await stream_frames(_listen(admin_server), [], headers={"Authorization": ADMIN_KEY[:-3] + "abcuser42"},
                             close=False, timeout_s=10)
     log = admin_server.log()
     assert "uid=user42" in log  # the accepted stream was logged (with its uid, not the credential)
@@ -261,14 +277,97 @@ def test_listen_closes_with_the_credentials_code_and_no_message(code):
     import server
 
     class FailingAuthenticator:
-        async def uid_for(self, authorization, host):
+        async def uid_for(self, authorization, host, headers=None):
             raise AuthError("invalid token (ExpiredIdTokenError)", code)
 
     app = FastAPI()
     app.state.settings = Settings(_env_file=None)
     app.state.authenticator = FailingAuthenticator()
     app.add_api_websocket_route("/v4/listen", server.listen)
-    with TestClient(app) as client, pytest.raises(WebSocketDisconnect) as closed:
+    with TestClient(app, client=("127.0.0.1", 50000)) as client, pytest.raises(WebSocketDisconnect) as closed:
         with client.websocket_connect("/v4/listen", headers={"Authorization": "Bearer expired"}) as ws:
             ws.receive_text()  # the first receive fails: nothing was sent before the close
     assert closed.value.code == (code or 1008)
+
+
+# --- ADMIN_KEY too short: the server refuses to start --------------------------------------------------------------
+
+
+def test_short_admin_key_refuses_to_start_without_showing_it(tmp_path):
+    short = "short-admin-key-31-chars-xxxxxx"
+    assert len(short) == 31
+    with pytest.raises(RuntimeError, match="server exited with [1-9]"):
+        server_process.start_server(tmp_path, {"ADMIN_KEY": short}, timeout_s=60)
+    (log_path,) = tmp_path.glob("server-*.log")
+    log = log_path.read_text(encoding="utf-8", errors="replace")
+    assert "ADMIN_KEY must be at least 32 characters" in log, log[-2000:]
+    assert short not in log and short[:16] not in log
+
+
+# --- loopback-only mode: requests that came through a proxy are refused -----------------------------------------------
+
+
+def _non_loopback_address() -> str | None:
+    """This machine's address on its default route (no packet is sent), or None without one."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("203.0.113.1", 9))
+        except OSError:
+            return None
+        address = probe.getsockname()[0]
+    return None if is_loopback(address) else address
+
+
+@pytest.fixture(scope="module")
+def forwarded_server(tmp_path_factory):
+    """Loopback-only mode, on every interface, trusting proxy headers from anyone (`--forwarded-allow-ips '*'`): the
+    deployment where uvicorn takes the client address from X-Forwarded-For."""
+    server = server_process.start_server(tmp_path_factory.mktemp("forwarded"), {}, extra_args=[
+        "--host", "0.0.0.0", "--proxy-headers", "--forwarded-allow-ips", "*"])
+    yield server
+    stop_server(server)
+
+
+USER = {"Authorization": "Bearer proxy-user"}
+
+
+@pytest.mark.parametrize("header, value", [("X-Forwarded-For", "127.0.0.1"), ("X-Real-IP", "127.0.0.1"),
+                                           ("Forwarded", "for=127.0.0.1")])
+def test_http_through_a_proxy_is_refused_in_loopback_mode(local_server, header, value):
+    assert httpx.get(f"{local_server.http}/v1/people", headers=USER, timeout=30).status_code == 200
+    r = httpx.get(f"{local_server.http}/v1/people", headers={**USER, header: value}, timeout=30)
+    assert r.status_code == 401, r.text
+    assert "proxy" in r.json()["detail"]
+
+
+async def test_websocket_through_a_proxy_is_refused_at_the_upgrade(local_server):
+    from websockets.exceptions import InvalidStatus
+
+    url = _listen(local_server)
+    ok = await stream_frames(url, silence_frames(0.5), headers=USER, until=lambda r: "ready" in r.statuses(),
+                             timeout_s=30)
+    assert "ready" in ok.statuses(), ok.events
+    for header in PROXY_HEADERS:
+        with pytest.raises(InvalidStatus) as refused:
+            await stream_frames(url, [], headers={**USER, header: "127.0.0.1"}, close=False, timeout_s=10)
+        assert refused.value.response.status_code == 403
+
+
+async def test_spoofed_forwarded_for_from_another_host_is_refused(forwarded_server):
+    """From a non-loopback address, `X-Forwarded-For: 127.0.0.1` makes uvicorn (trusting '*') report a loopback
+    client: before the proxy-header refusal, anyone could act as any uid that way."""
+    from websockets.exceptions import InvalidStatus
+
+    address = _non_loopback_address()
+    if address is None:
+        pytest.skip("this machine has no non-loopback address to call from")
+    base = f"http://{address}:{forwarded_server.port}"
+    assert httpx.get(f"{base}/v1/people", headers=USER, timeout=30).status_code == 401  # not loopback
+    spoofed = {**USER, "X-Forwarded-For": "127.0.0.1"}
+    r = httpx.get(f"{base}/v1/people", headers=spoofed, timeout=30)
+    assert r.status_code == 401 and "proxy" in r.json()["detail"], r.text
+    with pytest.raises(InvalidStatus) as refused:
+        await stream_frames(f"ws://{address}:{forwarded_server.port}/v4/listen?codec=pcm16&sample_rate=16000", [],
+                            headers=spoofed, close=False, timeout_s=10)
+    assert refused.value.response.status_code == 403
+    assert httpx.get(f"{forwarded_server.http}/v1/people", headers=USER, timeout=30).status_code == 200

@@ -341,7 +341,7 @@ def test_make_decoder_parameters(codec, rate, channels):
     decode_checked(decoder, b"\x01\x02\x03")
 
 
-ADMIN_KEY = "fuzz-admin-key"
+ADMIN_KEY = "fuzz-admin-key-2b7e4c9a1f6d3e8b0a"
 HEADERS = st.one_of(
     st.none(),
     st.text(alphabet=st.characters(min_codepoint=0, max_codepoint=255), max_size=60),  # headers decode as latin-1

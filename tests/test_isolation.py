@@ -40,7 +40,7 @@ from test_speakers import rttm_turns, single_speaker_audio, wav_bytes
 
 SR = 16000
 PROJECT = "isolation-test"
-ADMIN_KEY = "iso-admin-4f9c2e7b1d"
+ADMIN_KEY = "iso-admin-4f9c2e7b1d-8a0c6e2f4b1d3e5a"
 A, B, D = "user-a", "user-b", "user-d"
 LISTEN = "/v4/listen?codec=pcm16&sample_rate=16000&conversation_timeout=3600"  # no sweep closes it mid-test
 

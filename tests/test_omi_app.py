@@ -23,7 +23,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 SR = 16000
-ADMIN_KEY = "omi-admin-key-for-tests"
+ADMIN_KEY = "omi-admin-key-for-tests-5c1e9a7b3d"
 IDLE_S = 3.0  # the server's IDLE_TIMEOUT_S here: the app's keepalives must keep a silent connection open past it
 
 

@@ -22,7 +22,7 @@ from conftest import AMI, DATA, SAMPLE_WAV, read_wav, start_server, stop_server
 from test_speakers import enrol_people_from_trn07, rttm_turns, single_speaker_audio, speaker_at, wav_bytes
 
 SR = 16000
-ADMIN_KEY = "omi-admin-5b2f8c1d9e"
+ADMIN_KEY = "omi-admin-5b2f8c1d9e-7a3e0b6d4c2f18"
 INTERNAL_KEY = "omi-internal-3c7a1f"
 
 
