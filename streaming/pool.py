@@ -5,11 +5,17 @@ every connection's coroutine go into one bounded queue; one thread per model tak
 `max_batch` items, or whatever has arrived `max_wait_ms` after the first one, whichever comes first; it runs the
 model once per batch and hands each request its own result.
 
+Two lanes: "live" (the streams' work, and what a user waits on) and "batch" (the batch endpoints' bulk work, e.g.
+`/v1/speaker-identification`'s segments), each its own bounded queue. The worker serves the batch lane only when
+the live lane is empty, in model calls of at most `batch_max_batch` items, so a live request waits at most one such
+call; batch items never count as live saturation (`saturation`, `ModelPool.saturated`: the live lane only).
+
 Thread-safety contract of `BatchingWorker`:
 
 - `submit`/`submit_many` run on an event loop (any number of loops, in practice the server's one). They never block
   on the worker: admission is a few list operations under a lock the worker only holds to pop requests (never while
-  the model runs). A full queue raises `PoolSaturated` at once; a stopped worker raises `PoolClosed`.
+  the model runs). A full lane raises `PoolSaturated` at once (a full batch lane never refuses live work, nor the
+  reverse); a stopped worker raises `PoolClosed`.
 - `batch_fn` is only ever called from the worker thread, one batch at a time, so the model needs no lock of its own.
 - The worker thread touches no asyncio object except through `loop.call_soon_threadsafe` (one call per batch and
   loop); the futures are completed on their own loop. It skips requests whose future is already cancelled (a client
@@ -53,7 +59,8 @@ SATURATED_AT = 0.9  # ModelPool.saturated: new streams are refused from this que
 
 
 class PoolSaturated(RuntimeError):
-    """The model's queue is full. Callers refuse new work (new streams close with 1013 and a retry hint)."""
+    """The model's queue (of that lane) is full. Callers refuse new work (new streams close with 1013 and a retry
+    hint; a batch request gets 503 with Retry-After)."""
 
 
 class PoolClosed(RuntimeError):
@@ -128,26 +135,37 @@ def _deliver(outcomes: list[tuple[asyncio.Future, Any, BaseException | None]]) -
             future.set_result(result)
 
 
+LIVE, BATCH = "live", "batch"  # the lanes of a BatchingWorker
+
+
 class BatchingWorker(Generic[T, R]):
-    """One worker thread per model. Gathers requests from all connections into batches of up to `max_batch` items
-    or `max_wait_ms` after the first item, whichever first; calls `batch_fn(list[T]) -> Sequence[R]` (results in the
+    """One worker thread per model. Gathers live requests from all connections into batches of up to `max_batch`
+    items or `max_wait_ms` after the first item, whichever first; batch-lane requests, when no live one waits, in
+    batches of up to `batch_max_batch` at once; calls `batch_fn(list[T]) -> Sequence[R]` (results in the
     same order) in that thread; resolves one asyncio future per request on the requester's event loop
     (`loop.call_soon_threadsafe`). If `batch_fn` raises, every future of that batch gets the exception; the worker
     goes on. See the module docstring for the full thread-safety contract."""
 
     def __init__(self, name: str, batch_fn: Callable[[list[T]], Sequence[R]], max_batch: int, max_wait_ms: float,
-                 queue_size: int, thread_init: Callable[[], None] | None = None) -> None:
+                 queue_size: int, thread_init: Callable[[], None] | None = None, batch_queue_size: int = 0,
+                 batch_max_batch: int = 1) -> None:
         """`thread_init`: called once in the worker thread before the first batch (per-thread library settings,
-        e.g. torch's thread count, which only takes full effect when set in the thread that runs the model)."""
-        if max_batch < 1 or queue_size < 1 or max_wait_ms < 0:
-            raise ValueError(f"pool {name}: need max_batch >= 1, queue_size >= 1, max_wait_ms >= 0")
+        e.g. torch's thread count, which only takes full effect when set in the thread that runs the model).
+        `batch_queue_size`: the batch lane's queue (0: no batch lane, its requests raise PoolSaturated);
+        `batch_max_batch`: batch-lane items per model call (bounds how long a live request can wait behind one)."""
+        if max_batch < 1 or queue_size < 1 or max_wait_ms < 0 or batch_queue_size < 0 or batch_max_batch < 1:
+            raise ValueError(f"pool {name}: need max_batch >= 1, queue_size >= 1, max_wait_ms >= 0, "
+                             "batch_queue_size >= 0, batch_max_batch >= 1")
         self.name = name
         self.max_batch = max_batch
         self.max_wait_ms = max_wait_ms
         self.queue_size = queue_size
+        self.batch_queue_size = batch_queue_size
+        self.batch_max_batch = batch_max_batch
         self._batch_fn = batch_fn
         self._thread_init = thread_init
-        self._pending: deque[_Request] = deque()
+        self._pending: deque[_Request] = deque()  # the live lane
+        self._batch_pending: deque[_Request] = deque()  # the batch lane
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._running = False  # accepting work; guarded by _cond
@@ -158,6 +176,8 @@ class BatchingWorker(Generic[T, R]):
         self._failed_batches = 0
         self._skipped = 0
         self._max_queued = 0
+        self._batch_items = 0
+        self._max_batch_queued = 0
         self._last_batch_ms = 0.0
         self._busy_s = 0.0
 
@@ -189,27 +209,29 @@ class BatchingWorker(Generic[T, R]):
 
     # --- requests (event loop) -----------------------------------------------------------------------------------
 
-    async def submit(self, item: T) -> R:
+    async def submit(self, item: T, lane: str = LIVE) -> R:
         """`submit_many([item])[0]`, with one future and no gather (the VAD sends one request per stream and step)."""
         loop = asyncio.get_running_loop()
         request = _Request(item, loop.create_future(), loop)
-        self._admit([request])
+        self._admit([request], lane)
         try:
             return await request.future
         finally:  # cancelled: the worker skips it
             request.future.cancel()
 
-    async def submit_many(self, items: Sequence[T]) -> list[R]:
+    async def submit_many(self, items: Sequence[T], lane: str = LIVE) -> list[R]:
         """Results in the order of `items`. All or nothing: every item is queued, or `PoolSaturated` is raised and
-        none is. Cancelling the caller withdraws its requests still queued; a failed item withdraws the others."""
+        none is. Cancelling the caller withdraws its requests still queued; a failed item withdraws the others.
+        More items than the lane's queue holds: ValueError (submit them in chunks, as `ModelPool.embed_many`)."""
         if not items:
             return []
-        if len(items) > self.queue_size:
-            raise ValueError(f"model pool {self.name}: {len(items)} items in one request, the queue holds "
-                             f"{self.queue_size}")
+        capacity = self.lane_size(lane)
+        if len(items) > capacity:
+            raise ValueError(f"model pool {self.name}: {len(items)} items in one request, the {lane} queue holds "
+                             f"{capacity}")
         loop = asyncio.get_running_loop()
         requests = [_Request(item, loop.create_future(), loop) for item in items]
-        self._admit(requests)
+        self._admit(requests, lane)
         futures = [r.future for r in requests]
         try:
             return list(await asyncio.gather(*futures))
@@ -217,14 +239,26 @@ class BatchingWorker(Generic[T, R]):
             for f in futures:
                 f.cancel()
 
-    def _admit(self, requests: list[_Request]) -> None:
+    def lane_size(self, lane: str) -> int:
+        if lane == LIVE:
+            return self.queue_size
+        if lane == BATCH:
+            return self.batch_queue_size
+        raise ValueError(f"model pool {self.name}: no lane {lane!r}")
+
+    def _admit(self, requests: list[_Request], lane: str = LIVE) -> None:
+        capacity = self.lane_size(lane)
         with self._cond:
             if not self._running:
                 raise PoolClosed(f"model pool {self.name} is not running")
-            if len(self._pending) + len(requests) > self.queue_size:
-                raise PoolSaturated(f"model pool {self.name} is saturated ({len(self._pending)} requests queued)")
-            self._pending.extend(requests)
-            self._max_queued = max(self._max_queued, len(self._pending))
+            queue = self._pending if lane == LIVE else self._batch_pending
+            if len(queue) + len(requests) > capacity:
+                raise PoolSaturated(f"model pool {self.name} is saturated ({len(queue)} {lane} requests queued)")
+            queue.extend(requests)
+            if lane == LIVE:
+                self._max_queued = max(self._max_queued, len(queue))
+            else:
+                self._max_batch_queued = max(self._max_batch_queued, len(queue))
             # Wake the worker only when it waits for a first request or a batch just filled: waking it for every
             # request of a forming batch cost a thread switch (and the GIL) per request.
             if self._idle or len(self._pending) >= self.max_batch:
@@ -234,11 +268,17 @@ class BatchingWorker(Generic[T, R]):
 
     @property
     def queued(self) -> int:
+        """Live requests queued."""
         return len(self._pending)
 
     @property
+    def batch_queued(self) -> int:
+        return len(self._batch_pending)
+
+    @property
     def saturation(self) -> float:
-        """Queued requests / queue_size, 0..1 (cancelled ones count until the worker drops them)."""
+        """Queued live requests / queue_size, 0..1 (cancelled ones count until the worker drops them). The batch
+        lane does not count: bulk work must not make the server look full to live streams."""
         return min(1.0, len(self._pending) / self.queue_size)
 
     def stats(self) -> dict[str, Any]:
@@ -251,6 +291,10 @@ class BatchingWorker(Generic[T, R]):
             "queued": len(self._pending),
             "max_queued": self._max_queued,
             "saturation": round(self.saturation, 4),
+            "batch_items": self._batch_items,
+            "batch_queued": len(self._batch_pending),
+            "max_batch_queued": self._max_batch_queued,
+            "batch_queue_size": self.batch_queue_size,
             "last_batch_ms": round(self._last_batch_ms, 2),
             "busy_s": round(self._busy_s, 3),
             "max_batch": self.max_batch,
@@ -279,14 +323,18 @@ class BatchingWorker(Generic[T, R]):
             raise
 
     def _gather(self) -> list[_Request] | None:
-        """The next batch (live requests only; may be empty when all were cancelled), or None once stopped."""
+        """The next batch (requests still waited for; may be empty when all were cancelled), or None once stopped.
+        Live requests first, gathered for up to max_wait_ms; batch-lane ones only when no live one is queued, taken
+        at once (a chunk arrives whole) and never mixed into a live batch, which would make it slower."""
         with self._cond:
             self._idle = True
-            while self._running and not self._pending:
+            while self._running and not self._pending and not self._batch_pending:
                 self._cond.wait()
             self._idle = False
             if not self._running:
                 return None
+            if not self._pending:
+                return self._take(self._batch_pending, self.batch_max_batch, batch_lane=True)
             deadline = time.monotonic() + self.max_wait_ms / 1000.0
             while self._running and len(self._pending) < self.max_batch:
                 remaining = deadline - time.monotonic()
@@ -295,14 +343,20 @@ class BatchingWorker(Generic[T, R]):
                 self._cond.wait(remaining)
             if not self._running:
                 return None  # stop() fails what is queued
-            batch: list[_Request] = []
-            while self._pending and len(batch) < self.max_batch:
-                request = self._pending.popleft()
-                if request.future.cancelled():
-                    self._skipped += 1
-                else:
-                    batch.append(request)
-            return batch
+            return self._take(self._pending, self.max_batch)
+
+    def _take(self, queue: deque[_Request], most: int, batch_lane: bool = False) -> list[_Request]:
+        """Pops up to `most` requests still waited for (caller holds _cond)."""
+        batch: list[_Request] = []
+        while queue and len(batch) < most:
+            request = queue.popleft()
+            if request.future.cancelled():
+                self._skipped += 1
+            else:
+                batch.append(request)
+        if batch_lane:
+            self._batch_items += len(batch)
+        return batch
 
     def _serve(self, batch: list[_Request]) -> None:
         started = time.perf_counter()
@@ -336,8 +390,9 @@ class BatchingWorker(Generic[T, R]):
 
     def _fail_pending(self, why: str) -> None:
         with self._cond:
-            pending = list(self._pending)
+            pending = [*self._pending, *self._batch_pending]
             self._pending.clear()
+            self._batch_pending.clear()
         if pending:
             log.info("model pool %s: %s; failing %d queued requests", self.name, why, len(pending))
             self._post(pending, [(r.future, None, PoolClosed(f"model pool {self.name} {why}")) for r in pending])
@@ -359,7 +414,9 @@ class ModelPool:
         self.vad_backend = vad_backend
         self._speaker = BatchingWorker("speaker", self._embed_batch, settings.pool_max_batch,
                                        settings.pool_max_wait_ms, settings.pool_queue_size,
-                                       thread_init=self._init_worker_thread)
+                                       thread_init=self._init_worker_thread,
+                                       batch_queue_size=settings.pool_batch_queue_size,
+                                       batch_max_batch=settings.pool_batch_max_batch)
         self._vad = BatchingWorker("vad", self._vad_batch, settings.vad_max_batch, settings.vad_max_wait_ms,
                                    settings.pool_queue_size, thread_init=self._init_worker_thread)
 
@@ -485,6 +542,7 @@ class ModelPool:
 
     @property
     def saturated(self) -> bool:
+        """The live lane is (nearly) full: new streams are refused. The batch lane never makes it true."""
         return self._speaker.saturation >= SATURATED_AT
 
     def stats(self) -> dict[str, Any]:
@@ -495,16 +553,27 @@ class ModelPool:
         """One (dim,) embedding."""
         return (await self.embed_many([clip]))[0]
 
-    async def embed_many(self, clips: Sequence[np.ndarray]) -> np.ndarray:
+    async def embed_many(self, clips: Sequence[np.ndarray], lane: str = LIVE) -> np.ndarray:
         """(n, dim) float32 embeddings, unit norm; the clips join batches with every other connection's.
 
+        `lane`: LIVE (streams, and what a user waits on) or BATCH (the batch endpoints' bulk work: served when no
+        live work waits, never counted as live saturation). Submitted in chunks of up to two model batches (the
+        next one is queued while one is computed; any number of clips, a lane never holds more than its share).
+
         Raises ValueError for an unusable clip (checked here, so it fails only its own request, not a whole batch),
-        PoolSaturated when the queue is full, PoolClosed after `close()`."""
+        PoolSaturated when the lane's queue has no room for a chunk, PoolClosed after `close()`."""
         await self.ensure_loaded()
         embedder = self._embedder
         if not len(clips):
             return np.zeros((0, embedder.dim), np.float32)
-        return np.stack(await self._speaker.submit_many(embedder.check_clips(clips)))
+        checked = embedder.check_clips(clips)
+        worker = self._speaker
+        per_call = worker.max_batch if lane == LIVE else worker.batch_max_batch
+        chunk = max(1, min(2 * per_call, worker.lane_size(lane)))
+        out: list[np.ndarray] = []
+        for i in range(0, len(checked), chunk):
+            out += await worker.submit_many(checked[i : i + chunk], lane)
+        return np.stack(out)
 
     async def close(self) -> None:
         await asyncio.to_thread(self._speaker.stop)
