@@ -161,6 +161,7 @@ def _openapi_with_string_details(app: FastAPI):
 # --- graceful shutdown ------------------------------------------------------------------------------------------
 
 SHUTTING_DOWN_MESSAGE = "server shutting down, reconnect"
+REPLACED_MESSAGE = "replaced by a newer stream of this user"
 
 
 def _drain_before_exit_on_signals(app: FastAPI) -> Callable[[], None]:
@@ -285,15 +286,11 @@ async def _admit(client: WsClient, websocket: WebSocket, uid: str, st: Any, s: S
     if st.active_streams >= s.max_streams or not await _pool_has_room(st.pool):
         return await client.refuse(CloseCode.TRY_AGAIN_LATER, "server_full", "server full, retry in 5 s")
 
-    # Re-read the user's list after each await: the old stream's end may have removed it from user_streams meanwhile.
-    while s.max_streams_per_user and len(mine := st.user_streams.setdefault(uid, [])) >= s.max_streams_per_user:
-        old = mine.pop(0)
-        await old.send_json(ErrorEvent(code="replaced", message="a newer stream of this user replaced this one")
-                            .model_dump())
-        await old.close(CloseCode.GOING_AWAY, "replaced by a newer stream")
-    if st.draining:  # the drain began during the awaits above; none from here to the registration
-        return await client.refuse(CloseCode.TRY_AGAIN_LATER, "shutting_down", SHUTTING_DOWN_MESSAGE)
+    # The replaced stream is dropped at once, never awaited: its client may be dead or not reading, and its close
+    # could take WS_SLOW_CLIENT_TIMEOUT_S. Its own task finishes its audio, stores it and closes it (bounded).
     mine = st.user_streams.setdefault(uid, [])
+    while s.max_streams_per_user and len(mine) >= s.max_streams_per_user:
+        mine.pop(0).stop_with_error(CloseCode.GOING_AWAY, "replaced", REPLACED_MESSAGE)
     mine.append(client)
     st.streams.add(client)
     st.active_streams += 1

@@ -154,6 +154,12 @@ class WsClient:
         await self.send_json(ErrorEvent(code=error, message=message).model_dump())
         await self.close(code, message)
 
+    def stop_with_error(self, code: int, error: str, message: str) -> None:
+        """Queues an `error` event and asks the stream to end with `code`, without waiting for the client (it may
+        be dead or not reading): the stream's own task finishes its audio and sends the close (bounded, `close`)."""
+        self._put(_Outgoing(json.dumps(ErrorEvent(code=error, message=message).model_dump(), separators=(",", ":"))))
+        self.request_stop(code, message)
+
     # -- the sender ---------------------------------------------------------------------------------------------
 
     async def _send_loop(self) -> None:

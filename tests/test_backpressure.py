@@ -75,6 +75,18 @@ def stream_closed_line(server: ServerProcess, uid: str) -> str:
     return lines[0]
 
 
+async def feed_speech_until(ws, stop: asyncio.Event) -> None:
+    """Real speech at 4x real time, looped, until `stop` is set."""
+    frames = pcm16_frames(speech(90.0))
+    for i in itertools.count():
+        if stop.is_set():
+            return
+        with contextlib.suppress(ConnectionClosed):
+            await ws.send(frames[i % len(frames)])
+        if i % 10 == 9:
+            await asyncio.sleep(0.05)
+
+
 async def wait_until(predicate, timeout_s: float, what: str) -> None:
     deadline = time.monotonic() + timeout_s
     while not predicate():
@@ -235,20 +247,9 @@ async def test_a_client_that_never_reads_is_closed_and_the_server_stays_bounded(
             async with connect(server.ws + URL, sock=sock, additional_headers=slow_headers, max_queue=1,
                                compression=None, ping_interval=None, open_timeout=30, close_timeout=5) as slow:
                 closed_slow = asyncio.Event()
-
-                async def feed_slow() -> None:
-                    """Speech at 4x real time until the server gives up on the client: results keep coming, so
-                    the buffers fill however fast the server works (ping bytes alone would take minutes)."""
-                    frames = pcm16_frames(speech(90.0))
-                    for i in itertools.count():
-                        if closed_slow.is_set():
-                            return
-                        with contextlib.suppress(ConnectionClosed):
-                            await slow.send(frames[i % len(frames)])
-                        if i % 10 == 9:
-                            await asyncio.sleep(0.05)
-
-                feeder = asyncio.create_task(feed_slow())
+                # Until the server gives up on the client: results keep coming, so the buffers fill however fast
+                # the server works (ping bytes alone would take minutes).
+                feeder = asyncio.create_task(feed_speech_until(slow, closed_slow))
                 await asyncio.sleep(10)
                 # Another client meanwhile, in real time: served as usual.
                 other = await stream_frames(server.ws + URL, pcm16_frames(speech(12.0)), pace_s=0.02)
