@@ -1,9 +1,12 @@
-"""Reading uploads and enrolment speech, shared by the batch, people and voice-profile routes: an upload is read up
-to MAX_UPLOAD_MB, decoded to 16 kHz mono, VAD-trimmed with the same VAD as the streams, embedded in 3 s pieces."""
+"""Reading uploads and enrolment speech, shared by the batch, people and voice-profile routes: an upload is checked
+against MAX_UPLOAD_MB, decoded to 16 kHz mono from the file Starlette spooled it to (never a bytes copy), VAD-trimmed
+with the same VAD as the streams, embedded in 3 s pieces. (`upload_guard` bounds the body before it is read.)"""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
+from typing import BinaryIO, TypeVar
 
 import numpy as np
 from fastapi import HTTPException, Request, UploadFile
@@ -13,6 +16,11 @@ from streaming.speaker import SAMPLE_RATE
 from streaming.vad import detect_regions
 
 ENROL_CLIP_S = 3.0  # enrolment speech is embedded in 3 s pieces: one embedding row each
+T = TypeVar("T")
+
+
+def _too_large(max_mb: float) -> HTTPException:
+    return HTTPException(413, f"upload larger than the limit of {max_mb:g} MB")
 
 
 async def read_upload(upload: UploadFile, max_mb: float) -> bytes:
@@ -20,17 +28,33 @@ async def read_upload(upload: UploadFile, max_mb: float) -> bytes:
     limit = int(max_mb * 1024 * 1024)
     data = await upload.read(limit + 1)
     if len(data) > limit:
-        raise HTTPException(413, f"upload larger than the limit of {max_mb:g} MB")
+        raise _too_large(max_mb)
     return data
+
+
+def spooled_upload(upload: UploadFile, max_mb: float) -> BinaryIO:
+    """The file Starlette spooled the upload to (memory up to 1 MB, then disk), if it holds at most MAX_UPLOAD_MB;
+    413 otherwise. Read it in a worker thread: on disk, its reads block."""
+    size = upload.size
+    if size is None:
+        size = upload.file.seek(0, 2)
+    if size > max_mb * 1024 * 1024:
+        raise _too_large(max_mb)
+    return upload.file
+
+
+async def decode_in_worker(work: Callable[..., T], *args: object) -> T:
+    """`work(*args)` (blocking: decoding, VAD) in a worker thread; an AudioFileError becomes its HTTP status."""
+    try:
+        return await asyncio.to_thread(work, *args)
+    except AudioFileError as exc:
+        raise HTTPException(exc.status, str(exc)) from None
 
 
 async def read_audio(request: Request, upload: UploadFile) -> np.ndarray:
     settings = request.app.state.settings
-    data = await read_upload(upload, settings.max_upload_mb)
-    try:
-        return await asyncio.to_thread(decode_audio_file, data, settings.max_upload_seconds)
-    except AudioFileError as exc:
-        raise HTTPException(exc.status, str(exc)) from None
+    source = spooled_upload(upload, settings.max_upload_mb)
+    return await decode_in_worker(decode_audio_file, source, settings.max_upload_seconds)
 
 
 def speech_only(request: Request, audio: np.ndarray) -> np.ndarray:

@@ -16,7 +16,7 @@ from conftest import AMI, REPO, SAMPLE_WAV, read_wav, start_server, stop_server
 
 from config import Settings
 from streaming.codecs import resample
-from streaming.pipeline import speech_regions
+from streaming.file_vad import speech_regions
 from streaming.vad import SileroVad, VadParams
 
 # ../shared/data/sample.rttm: speech from 6.69 s to 30.0 s, nothing before.

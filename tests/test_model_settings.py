@@ -28,8 +28,8 @@ from test_speaker_backends import SMALL_ECAPA_YAML, build_small_ecapa
 from test_vad_pyannote import _small_pyannet
 
 from config import Settings
+from streaming.file_vad import speech_regions
 from streaming.model_source import redactor
-from streaming.pipeline import speech_regions
 from streaming.pool import ModelPool
 from streaming.speaker import SpeechBrainEmbedder, load_embedder
 from streaming.vad import LazyVadBackend, PyannoteVad, SileroVad, StreamingVAD, VadParams, load_vad_backend
