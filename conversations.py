@@ -180,7 +180,7 @@ class ConversationService:
         claimed.processing_until = None
         if not await self.storage.finish_close(claimed, lease_until):
             log.warning("conversation %s: its close outlasted its lease (CONVERSATION_CLOSE_LEASE_S) and another "
-                        "close took it over; this outcome is dropped", claimed.id)
+                        "close took it over, or it was deleted meanwhile; this outcome is dropped", claimed.id)
             return None
         await self._notify(claimed.uid, memory_event("memory_created", claimed, stored))
         log.info("conversation %s %s (%d segments)", claimed.id, claimed.status, len(segments))

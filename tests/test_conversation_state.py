@@ -16,16 +16,15 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import test_conversations
 from conftest import (
     SAMPLE_WAV,
-    fresh_postgres_database,
     pcm16_frames,
     read_wav,
     start_server,
     stop_server,
     stream_frames,
 )
-from deepgram_server import ThreadedDeepgramTestServer
 from openai_server import OpenAITestServer, completion
 from test_storage_contract import BACKENDS, PG_DSN, drop_schema, fresh_schema, make_store, require_postgres
 
@@ -37,6 +36,8 @@ from summaries import PlainSummarizer, Summary
 
 T0 = 1_700_000_000.0
 SR = 16000
+# the end-to-end test's fixtures: a Deepgram-protocol server (module-wide), a fresh SQLite or PostgreSQL database
+deepgram, database = test_conversations.deepgram, test_conversations.database
 
 
 class CountingSummarizer(PlainSummarizer):
@@ -238,21 +239,6 @@ async def test_replicas_sweeping_together_close_each_conversation_once(kind: str
 # -- end to end: a server killed while a conversation is `processing` --------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def deepgram():
-    with ThreadedDeepgramTestServer(api_key="dg-key") as server:
-        yield server
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def database(request, tmp_path):
-    if request.param == "sqlite":
-        yield {"DATABASE_CHOICE": "sqlite", "SQLITE_PATH": str(tmp_path / "state.sqlite3")}
-        return
-    with fresh_postgres_database("state") as url:
-        yield {"DATABASE_CHOICE": "postgres", "POSTGRES_URL": url}
-
-
 async def wait_for_status(http: httpx.Client, status: str, timeout_s: float) -> dict | None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -271,9 +257,8 @@ async def test_a_server_killed_while_summarising_leaves_the_conversation_to_the_
     lease_s = 8
     with OpenAITestServer(default=completion({"title": "Summarised after the crash", "overview": "o"})) as llm:
         llm.script(completion({"title": "never delivered"}, delay_s=300))  # the first summary hangs
-        env = {"STT_BACKEND": "deepgram", "DEEPGRAM_URL": deepgram.url, "DEEPGRAM_API_KEY": "dg-key",
-               "MIN_CONVERSATION_TIMEOUT_S": "1", "SWEEP_INTERVAL_S": "0.5", "LLM_BASE_URL": llm.base_url,
-               "LLM_TIMEOUT_S": "600", "CONVERSATION_CLOSE_LEASE_S": str(lease_s), **database}
+        env = {**test_conversations.server_env(deepgram, database), "LLM_BASE_URL": llm.base_url,
+               "LLM_TIMEOUT_S": "600", "CONVERSATION_CLOSE_LEASE_S": str(lease_s)}
         server = start_server(tmp_path, **env)
         try:
             url = f"{server.ws}/v4/listen?codec=pcm16&sample_rate=16000&conversation_timeout=2"
@@ -283,7 +268,12 @@ async def test_a_server_killed_while_summarising_leaves_the_conversation_to_the_
             assert spoken_back.segments
             with httpx.Client(base_url=server.http, headers=headers) as http:
                 processing = await wait_for_status(http, "processing", timeout_s=30)
-            assert processing is not None and len(llm.requests) == 1  # the sweep is inside the summary
+            assert processing is not None
+            for _ in range(100):  # the close asks the LLM just after it claimed the conversation
+                if llm.requests:
+                    break
+                await asyncio.sleep(0.1)
+            assert len(llm.requests) == 1  # the sweep is inside the summary
             server.proc.send_signal(signal.SIGKILL)
             server.proc.wait(10)
         finally:
