@@ -22,6 +22,7 @@ from conversations import ConversationLink, ConversationService
 from listen_commands import CommandContext, handle_text
 from streaming.codecs import make_decoder
 from streaming.pipeline import Pipeline
+from streaming.pool import PoolClosed, PoolSaturated
 from streaming.protocol import CloseCode, ErrorEvent, ListenParams, ServiceStatusEvent, TranscriptSegment
 from streaming.segments import SegmentTail
 from streaming.speaker import MATCH_RULES, ProfileIndex
@@ -102,11 +103,10 @@ async def serve_stream(client: WsClient, params: ListenParams, uid: str, st: Any
         for pipeline in pipelines:
             await pipeline.start()
             started.append(pipeline)
-    except SttError as exc:
-        log.error("stream for %s: %s", uid, exc)
-        for pipeline in started:
-            await pipeline.finish()
-        return await client.refuse(CloseCode.SERVER_ERROR, "stt_unavailable", str(exc))
+    except Exception as exc:
+        code = await _end_on_failure(client, exc, uid)
+        await _finish_all(client, started, uid)
+        return await client.close(code)
     await client.send_json(ServiceStatusEvent(status="ready").model_dump())
     log.info("stream open uid=%s codec=%s rate=%d channels=%d", uid, params.codec, params.sample_rate,
              len(channels))
@@ -117,11 +117,12 @@ async def serve_stream(client: WsClient, params: ListenParams, uid: str, st: Any
     commands = CommandContext(uid, pipelines, st.storage, st.pool.embedder_name)
     route = _router(channels, pipelines)
     try:
-        close_code = await receive_loop(client, route, s, lambda text: handle_text(commands, text))
+        close_code = await receive_loop(client, route, s, lambda text: handle_text(commands, text), uid)
     finally:
         heartbeat.cancel()
-        for pipeline in pipelines:
-            await pipeline.finish()
+        failed = await _finish_all(client, pipelines, uid)  # never raises: what follows always runs
+        if failed is not None and close_code in (CloseCode.NORMAL, CloseCode.GOING_AWAY):
+            close_code = failed
         stop_listening()
         await _stream_ended(st, service, uid, tagger, links)
         for pipeline in pipelines:
@@ -129,6 +130,42 @@ async def serve_stream(client: WsClient, params: ListenParams, uid: str, st: Any
             log.info("stream closed uid=%s frames=%d bad=%d sent=%.1fs of %.1fs", uid, stats.frames,
                      stats.bad_frames, stats.sent_samples / 16000, stats.stream_samples / 16000)
         await client.close(close_code)
+
+
+def _failure(exc: Exception) -> tuple[int, str, str]:
+    """A stream's failure as (close code, `error` event code, message). The client is told what to do, not what
+    broke (no internals, no secrets: the operator's log has those)."""
+    if isinstance(exc, SttError):
+        return CloseCode.SERVER_ERROR, "stt_unavailable", str(exc)
+    if isinstance(exc, PoolSaturated):  # the models' queue is full: as a refusal at the start, retry later
+        return CloseCode.TRY_AGAIN_LATER, "server_full", "server busy, retry in 5 s"
+    if isinstance(exc, PoolClosed):  # the models stopped: the server is going down
+        return CloseCode.TRY_AGAIN_LATER, "server_unavailable", "server restarting, retry in 5 s"
+    return CloseCode.SERVER_ERROR, "internal_error", "internal server error, reconnect"
+
+
+async def _end_on_failure(client: WsClient, exc: Exception, uid: str) -> int:
+    """Logs a stream's failure once, sends the client its `error` event, returns the close code to end with."""
+    code, error, message = _failure(exc)
+    if isinstance(exc, PoolSaturated | PoolClosed):
+        log.error("stream of %s ended: %s", uid, exc)  # a known condition: no traceback
+    elif not isinstance(exc, SttError):  # (STT's giving up was logged by its session)
+        log.error("stream of %s failed", uid, exc_info=exc)
+    await client.send_json(ErrorEvent(code=error, message=message).model_dump())
+    return code
+
+
+async def _finish_all(client: WsClient, pipelines: list[Pipeline], uid: str) -> int | None:
+    """Finishes every pipeline (each stores what it can even when a step fails); the close code of the first
+    failure, or None."""
+    failed = None
+    for pipeline in pipelines:
+        try:
+            await pipeline.finish()
+        except Exception as exc:
+            code = await _end_on_failure(client, exc, uid)
+            failed = code if failed is None else failed
+    return failed
 
 
 async def _stream_ended(st: Any, service: ConversationService, uid: str, tagger: SpeakerTagger | None,
@@ -160,9 +197,10 @@ def _router(channels: tuple[Channel, ...], pipelines: list[Pipeline]):
     return route
 
 
-async def receive_loop(client: WsClient, route, s: Settings, on_text) -> int:
-    """Returns the close code to end with. Idle means no message at all (audio, keepalive or text) for
-    IDLE_TIMEOUT_S, as Omi judges it: a connected app answers every ping, so only a dead connection gets there.
+async def receive_loop(client: WsClient, route, s: Settings, on_text, uid: str = "") -> int:
+    """Returns the close code to end with; a failure of the pipeline or of a command ends it (`_failure`). Idle
+    means no message at all (audio, keepalive or text) for IDLE_TIMEOUT_S, as Omi judges it: a connected app
+    answers every ping, so only a dead connection gets there.
 
     One frame at a time: the next is read only when the previous went through decode and VAD, so a client that
     sends faster than real time is paced by TCP, never dropped: uvicorn stops reading the socket while its queue
@@ -212,11 +250,13 @@ async def receive_loop(client: WsClient, route, s: Settings, on_text) -> int:
             pipeline, audio = target
             try:
                 await pipeline.feed(audio)
-            except SttError as exc:
-                await client.send_json(ErrorEvent(code="stt_unavailable", message=str(exc)).model_dump())
-                return CloseCode.SERVER_ERROR
+            except Exception as exc:
+                return await _end_on_failure(client, exc, uid)
         elif message.get("text") is not None:
-            await on_text(message["text"])
+            try:
+                await on_text(message["text"])
+            except Exception as exc:
+                return await _end_on_failure(client, exc, uid)
 
 
 async def _heartbeat(client: WsClient, every_s: float) -> None:

@@ -7,7 +7,6 @@ segment being built. Shared objects (the VAD backend, the STT factory, settings)
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -141,6 +140,7 @@ class Pipeline:
         self._inbox_bytes = 0
         self._worker: asyncio.Task | None = None
         self._worker_error: Exception | None = None
+        self._worker_error_raised = False  # feed() raised it: the stream's end was decided (and logged) by then
         self.writer = (SegmentWriter(persist, self._emit, pending_max=pending_max, retry_on_close_s=retry_on_close_s,
                                      write_timeout_s=write_timeout_s) if persist is not None else None)
 
@@ -152,8 +152,7 @@ class Pipeline:
         """Queues a frame for this stream's worker and returns; waits only while the queue is full (a client
         sending faster than the server processes is slowed down by TCP, never dropped)."""
         self.stt.check()  # STT gave up for good (raises SttError): the stream must end, not go on deaf
-        if self._worker_error is not None:
-            raise self._worker_error
+        self._raise_worker_error()
         self.stats.frames += 1
         self._inbox.append((self.stats.frames, frame))
         self._inbox_bytes += len(frame)
@@ -161,8 +160,12 @@ class Pipeline:
             self._worker = asyncio.create_task(self._work(), name="pipeline-worker")
         if self._inbox_bytes >= MAX_QUEUED_BYTES or len(self._inbox) >= MAX_QUEUED_FRAMES:
             await asyncio.shield(self._worker)
-            if self._worker_error is not None:
-                raise self._worker_error
+            self._raise_worker_error()
+
+    def _raise_worker_error(self) -> None:
+        if self._worker_error is not None:
+            self._worker_error_raised = True
+            raise self._worker_error
 
     async def _work(self) -> None:
         """Decodes and runs the VAD on every queued frame in one job (on the model pool, batched with the other
@@ -177,27 +180,42 @@ class Pipeline:
                 for index, problem in job.bad:
                     self.stats.bad_frames += 1
                     await self._emit(ErrorEvent(code="bad_frame", message=f"frame {index}: {problem}").model_dump())
-        except Exception as exc:  # raised to the receive loop by the next feed(), as if feed had raised it
-            if not isinstance(exc, SttError):
-                log.exception("stream worker failed")
+        except Exception as exc:  # raised (and logged) by the next feed() or by finish(), as if they had raised it
             self._worker_error = exc
             self._inbox, self._inbox_bytes = [], 0
 
     async def finish(self) -> None:
-        """Flush the decoder and VAD, deliver the last transcripts, close STT. Safe to call once."""
+        """Flush the decoder and VAD, deliver the last transcripts, close STT, store what is left. Call once.
+
+        Every step runs even when an earlier one failed (the segments still get stored). The first failure is
+        raised at the end for the caller to log and to close with (1011); a worker failure that `feed` already
+        raised is not raised again, nor is STT's giving up (`SttError`: the STT session logged it)."""
         if self._keepalive_task is not None:
             self._keepalive_task.cancel()
+        errors: list[Exception] = []
         if self._worker is not None:
-            with contextlib.suppress(Exception):
-                await self._worker  # the frames received before the end are processed first
-        with contextlib.suppress(Exception):
-            events = await asyncio.to_thread(self._flush)
-            await self._forward(events)
-        try:
-            await self.stt.close()
-        finally:  # the last transcripts are delivered by now: store what storage has not taken yet
-            if self.writer is not None:
-                await self.writer.drain()
+            await asyncio.wait({self._worker})  # the frames received before the end are processed first
+            if self._worker_error is not None and not self._worker_error_raised:
+                errors.append(self._worker_error)
+        for step in (self._flush_and_forward, self.stt.close, self._drain_writer):
+            try:
+                await step()
+            except SttError:
+                pass
+            except Exception as exc:
+                errors.append(exc)
+        for extra in errors[1:]:
+            log.error("stream end: a further step failed", exc_info=extra)
+        if errors:
+            raise errors[0]
+
+    async def _flush_and_forward(self) -> None:
+        await self._forward(await asyncio.to_thread(self._flush))
+
+    async def _drain_writer(self) -> None:
+        """The last transcripts are delivered by now: store what storage has not taken yet."""
+        if self.writer is not None:
+            await self.writer.drain()
 
     # -- steps --------------------------------------------------------------------------------------------------
 

@@ -13,12 +13,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import socket
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import httpx
-from conftest import ServerProcess, pcm16_frames, start_server, stop_server
+import numpy as np
+import pytest
+from conftest import (
+    SAMPLE_WAV,
+    ServerProcess,
+    free_port,
+    pcm16_frames,
+    read_wav,
+    silence_frames,
+    start_server,
+    stop_server,
+    stream_frames,
+)
 from deepgram_server import ThreadedDeepgramTestServer
 from test_backpressure import feed_speech_until, speech, transcribed_words, wait_until
 from websockets.asyncio.client import connect
@@ -105,3 +120,138 @@ async def test_a_reconnect_replaces_a_stream_stuck_on_its_client_at_once(tmp_pat
     assert old_close == 1008  # its sends were stuck from before it was replaced until the slow-client timeout
     assert words == sent_words > 0  # the replaced stream finished: every word it was sent is stored
     assert "Traceback" not in server.log()
+
+
+# --- failures of the pipeline --------------------------------------------------------------------------------------
+
+
+async def test_a_full_model_pool_mid_stream_ends_the_stream_with_1013(tmp_path):
+    """A real `PoolSaturated` in a real server process: the VAD queue holds one request (POOL_QUEUE_SIZE=1) and
+    its worker waits 300 ms to batch (VAD_MAX_WAIT_MS), so a stream's frames that come while another stream's wait
+    find it full. Each stream so ended gets an `error` event `server_full` and close 1013 (try again later), and
+    the server logs one ERROR line for it, without a traceback (a known condition). Before, the error escaped the
+    receive loop with a traceback and the stream closed 1000."""
+    server = start_server(tmp_path, POOL_QUEUE_SIZE="1", VAD_MAX_WAIT_MS="300", JOBS_ENABLED="false")
+    try:
+        url = server.ws + URL
+        results = await asyncio.gather(*(
+            stream_frames(url, silence_frames(6.0), pace_s=0.02, until=lambda r: False, timeout_s=3)
+            for _ in range(3)))
+        log_text = server.log()
+    finally:
+        stop_server(server)
+    ended = [r for r in results if r.close_code == 1013]
+    assert ended, [(r.close_code, r.errors()) for r in results]
+    for result in ended:
+        assert [e["code"] for e in result.errors()] == ["server_full"]
+    assert all(r.close_code in (1000, 1013) for r in results)
+    assert log_text.count("ERROR server: stream of ") == len(ended)
+    assert "saturated" in log_text and "Traceback" not in log_text
+
+
+@contextlib.asynccontextmanager
+async def in_process_server(tmp_path: Path, **settings: Any) -> AsyncIterator[tuple[Any, str]]:
+    """The app under uvicorn in this test's own event loop, so that a test can make one part of a real stream's
+    pipeline fail: (the app, its ws:// base URL). Models load lazily; local STT (pocketsphinx); SQLite."""
+    import uvicorn
+
+    from config import Settings
+    from server import create_app
+
+    app = create_app(Settings(_env_file=None, data_dir=tmp_path, stt_backend="local", lazy_models=True,
+                              jobs_enabled=False, **settings))
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, ws_ping_interval=None))
+    task = asyncio.create_task(server.serve())
+    try:
+        while not server.started:
+            assert not task.done(), "the server did not start"
+            await asyncio.sleep(0.05)
+        yield app, f"ws://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 60)
+
+
+def stream_errors(caplog: pytest.LogCaptureFixture, uid: str) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.levelno >= logging.ERROR and uid in r.getMessage()]
+
+
+async def stream_end_was_stored(app: Any, uid: str, caplog: pytest.LogCaptureFixture) -> None:
+    """The stream's end reached storage: the conversation's clock is at the end of the audio the stream decoded
+    (`stream_ended`; its segments alone put it at their last word's end), and the speaker state is saved."""
+    [closed] = [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"stream closed uid={uid} ")]
+    stream_s = float(closed.rsplit(" of ", 1)[1].rstrip("s"))
+    storage = app.state.storage
+    [conversation] = await storage.list_conversations(uid)
+    assert stream_s > 1.0 and conversation.duration_s == pytest.approx(stream_s, abs=0.05)
+    assert await storage.load_speaker_state(uid, conversation.id) is not None
+
+
+SPEECH_THEN_SILENCE = pcm16_frames(np.concatenate([read_wav(SAMPLE_WAV)[6 * 16000 : 9 * 16000],
+                                                   np.zeros(2 * 16000, np.float32)]))
+
+
+async def test_an_unexpected_pipeline_error_closes_1011_and_the_stream_still_ends(tmp_path, caplog):
+    """The VAD model raises mid-stream (its batch call fails on the 40th call; in process: no real fault makes the
+    VAD fail in a server process). The stream ends with an `error` event `internal_error` (no details) and close
+    1011, the server logs one ERROR line with the traceback, and the stream's end is stored as on any end. Before,
+    the error escaped the receive loop (logged twice with tracebacks) and the stream closed 1000."""
+    caplog.set_level(logging.INFO)
+    uid = "vad-fails"
+    async with in_process_server(tmp_path) as (app, base):
+        backend = app.state.pool.vad_backend
+        real, calls = backend.speech_probs_batch, []
+
+        def failing(*args: Any) -> Any:
+            calls.append(1)
+            if len(calls) >= 40:
+                raise RuntimeError("the VAD model failed")
+            return real(*args)
+
+        backend.speech_probs_batch = failing
+        result = await stream_frames(base + URL, SPEECH_THEN_SILENCE, headers={"Authorization": f"Bearer {uid}"},
+                                     pace_s=0.01, close=False, timeout_s=30)
+        backend.speech_probs_batch = real
+        await stream_end_was_stored(app, uid, caplog)
+    assert result.close_code == 1011
+    assert [e["code"] for e in result.errors()] == ["internal_error"]
+    assert "VAD" not in json.dumps(result.errors())  # the client is not told internals
+    [record] = stream_errors(caplog, uid)
+    assert record.exc_info is not None and "the VAD model failed" in str(record.exc_info[1])
+
+
+async def test_a_failing_finish_still_stores_the_end_and_closes_1011(tmp_path, caplog):
+    """`Pipeline.finish()` fails: the STT session's close raises (after closing; in process: no real fault makes
+    it raise in a server process). The stream was ending on idle (IDLE_TIMEOUT_S 2 s); the last segments are
+    stored, the speaker state and the conversation's end are saved, the client gets `idle`, then `internal_error`
+    and close 1011, and the server logs one ERROR line with the traceback. Before, the exception skipped the
+    state, the conversation's end and the close."""
+    caplog.set_level(logging.INFO)
+    uid = "finish-fails"
+    async with in_process_server(tmp_path, idle_timeout_s=2.0) as (app, base):
+        factory = app.state.stt_factory
+        real_session = factory.session
+
+        def session(*args: Any, **kwargs: Any) -> Any:
+            stt = real_session(*args, **kwargs)
+            real_close = stt.close
+
+            async def close() -> None:
+                await real_close()
+                raise RuntimeError("the STT session failed to close")
+
+            stt.close = close
+            return stt
+
+        factory.session = session
+        result = await stream_frames(base + URL, SPEECH_THEN_SILENCE, headers={"Authorization": f"Bearer {uid}"},
+                                     pace_s=0.01, close=False, timeout_s=60)
+        await stream_end_was_stored(app, uid, caplog)
+        [conversation] = await app.state.storage.list_conversations(uid)
+        stored = await app.state.storage.list_segments(uid, conversation.id)
+    assert result.close_code == 1011
+    assert [e["code"] for e in result.errors()] == ["idle", "internal_error"]
+    assert stored and {s.id for s in stored} == set(result.segments)  # the last segments were stored and sent
+    [record] = stream_errors(caplog, uid)
+    assert record.exc_info is not None and "failed to close" in str(record.exc_info[1])
