@@ -106,6 +106,20 @@ async def test_sweep_closes_expired_conversations_and_leaves_fresh_ones(tmp_path
     await runner.shutdown()
 
 
+async def test_prune_job_runs_runs_daily_and_keeps_the_latest_run_of_each_job(tmp_path, storage):
+    runner = JobRunner(settings(tmp_path, job_runs_keep_days=7), storage, ConversationService(storage))
+    for _ in range(3):
+        await runner.run_now("sweep")
+    latest = (await storage.last_job_runs())["sweep"]
+    assert (await runner.run_now("prune_job_runs"))["detail"].startswith("deleted 0 runs older than")  # all fresh
+    week_later = time.time() + 7 * 86400 + 60
+    # the first 2 sweeps go; the last sweep and the one prune_job_runs run are their jobs' latest
+    assert (await runner.prune_job_runs(week_later)).startswith("deleted 2 runs")
+    assert (await storage.last_job_runs())["sweep"] == latest
+    assert {j["name"]: j["interval_s"] for j in await runner.status()}["prune_job_runs"] == 86400
+    await runner.shutdown()
+
+
 # -- failures are recorded, logged and retried on the next tick -------------------------------------------------------
 
 
