@@ -40,13 +40,14 @@ from config import Settings, get_settings  # noqa: E402
 from conversations import ConversationService  # noqa: E402
 from listen_session import serve_stream  # noqa: E402
 from storage import open_storage  # noqa: E402
-from streaming.pipeline import SegmentIdentifier  # noqa: E402
+from streaming.identify import SegmentIdentifier  # noqa: E402
 from streaming.pool import ModelPool  # noqa: E402
 from streaming.protocol import CloseCode, ErrorEvent, ListenParams  # noqa: E402
 from streaming.speaker import MATCH_RULES  # noqa: E402
 from streaming.stt import SttFactory  # noqa: E402
 from streaming.vad import VadParams, load_vad_backend  # noqa: E402
 from summaries import make_summarizer  # noqa: E402
+from upload_guard import UploadGuard  # noqa: E402
 from ws_client import WsClient  # noqa: E402
 
 log = logging.getLogger("server")
@@ -91,6 +92,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await st.storage.close()
 
     app = FastAPI(title="Omi unified audio server", version="0.1.0", lifespan=lifespan)
+    app.add_middleware(UploadGuard)  # body limits and caller checks before a request's body is read
     app.include_router(vad_routes.router)
     app.include_router(batch_routes.router)
     app.include_router(conversation_routes.router)

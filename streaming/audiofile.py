@@ -119,7 +119,7 @@ def _soundfile_blocks(file: BinaryIO, rate: int, channels: int, max_seconds: flo
     # Block by block, downmixed and resampled as it goes: a small FLAC of many channels at a high rate must not
     # expand to (channels x rate x duration) floats in memory.
     resampler = StreamResampler(rate, TARGET_RATE)
-    block = max(1, (1 << 20) // channels)
+    block = max(1, (1 << 18) // channels)  # 1 MB of float32 a read
     total = 0
     try:
         with sf.SoundFile(file) as f:

@@ -20,10 +20,9 @@ from streaming.pool import VadJob
 from streaming.protocol import ErrorEvent, TranscriptSegment
 from streaming.segment_writer import Persist, SegmentWriter
 from streaming.segments import SegmentBuilder, SegmentTail
-from streaming.speaker import MatchRules, ProfileIndex
 from streaming.stt import SAMPLE_RATE, SentTimeline, SttError, SttFactory, SttSession, Transcript, to_int16
-from streaming.tagging import MIN_WINDOW_S, SpeakerLabel, SpeakerTagger
-from streaming.vad import SpeechAudio, SpeechEnd, StreamingVAD, VadBackend, VadEvent, VadParams, detect_regions
+from streaming.tagging import SpeakerLabel, SpeakerTagger
+from streaming.vad import SpeechAudio, SpeechEnd, StreamingVAD, VadBackend, VadEvent, VadParams
 
 log = logging.getLogger(__name__)
 
@@ -305,60 +304,3 @@ class Pipeline:
 
 async def _run_alone(job: VadJob) -> FrameJob:
     return await asyncio.to_thread(job.run_alone)
-
-
-# --- batch mode -------------------------------------------------------------------------------------------------
-
-
-def speech_regions(backend: VadBackend, audio: np.ndarray, params: VadParams) -> list[dict[str, float]]:
-    """`/v1/vad`: merged speech regions of a whole 16 kHz signal, in seconds. Blocking: call from a worker thread."""
-    out = []
-    for s, e in detect_regions(backend, audio, params):
-        start, end = round(s / SAMPLE_RATE, 3), round(e / SAMPLE_RATE, 3)
-        out.append({"start": start, "end": end, "duration": round(end - start, 3)})
-    return out
-
-
-class SegmentIdentifier:
-    """`/v1/speaker-identification`: the live tagger's windows and matching rules over given segments of a file.
-
-    Shared (one per app), stateless between calls."""
-
-    def __init__(self, pool, vad_backend: VadBackend, vad_params: VadParams, rules: MatchRules) -> None:
-        self._pool = pool
-        self._vad_backend = vad_backend
-        self._vad_params = vad_params
-        self.rules = rules
-
-    def _windows(self, audio: np.ndarray, spans: list[tuple[float, float]]) -> list[tuple[list[np.ndarray], float]]:
-        """Blocking: per segment, its speech (VAD-trimmed) as one clip ([] if too little), and its seconds."""
-        out = []
-        length_s = len(audio) / SAMPLE_RATE
-        for start, end in spans:
-            # Clamped to the file first: a segment may end at 1e308 or Infinity (valid JSON to Python), and
-            # int(inf * rate) raises OverflowError.
-            clip = audio[int(min(start, length_s) * SAMPLE_RATE) : int(min(end, length_s) * SAMPLE_RATE)]
-            regions = detect_regions(self._vad_backend, clip, self._vad_params) if len(clip) else []
-            speech = np.concatenate([clip[s:e] for s, e in regions]) if regions else clip[:0]
-            seconds = len(speech) / SAMPLE_RATE
-            if seconds < MIN_WINDOW_S:
-                out.append(([], seconds))
-                continue
-            out.append(([speech], seconds))  # the whole speech: the embedder averages its own windows over it
-        return out
-
-    async def identify(self, audio: np.ndarray, spans: list[tuple[float, float]],
-                       index: ProfileIndex) -> list[dict[str, Any]]:
-        windows = await asyncio.to_thread(self._windows, audio, spans)
-        flat = [w for ws, _ in windows for w in ws]
-        embeddings = await self._pool.embed_many(flat) if flat and len(index) else None
-        results, i = [], 0
-        for ws, seconds in windows:
-            match = None
-            if ws and embeddings is not None:
-                mean = embeddings[i : i + len(ws)].mean(axis=0)
-                match = index.match(mean / max(float(np.linalg.norm(mean)), 1e-9), seconds, self.rules)
-            i += len(ws)
-            results.append({"is_user": bool(match and match.kind == "user"),
-                            "person_id": match.profile_id if match and match.kind == "person" else None})
-        return results

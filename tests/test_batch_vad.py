@@ -326,3 +326,66 @@ def test_decoding_memory_is_bounded_by_the_16k_mono_result():
         tracemalloc.stop()
     assert audio.shape == (16000 * 120,) and audio.dtype == np.float32
     assert peak < 3 * audio.nbytes + 16_000_000, peak  # the whole-file read took 8 x 48k x 120 x 4 = 184 MB
+
+
+# --- long files in bounded pieces ------------------------------------------------------------------------------------
+
+
+def _ami_and_sample() -> list[tuple[str, np.ndarray]]:
+    return [("sample", read_wav(SAMPLE_WAV))] + [(p.stem, read_wav(p)) for p in sorted(AMI.glob("trn*.wav"))]
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_regions_scored_in_pieces_equal_the_whole_file(normalize):
+    """`/v1/vad`'s piecewise path (decoded and scored `chunk_s` at a time, the VAD's state carried on) gives the
+    regions of the whole signal at once, with piece boundaries inside speech (1.01 s and 7.3 s pieces)."""
+    from streaming.file_vad import file_speech_regions
+
+    backend, params = SileroVad(), VadParams(normalize=normalize)
+    for name, audio in _ami_and_sample():
+        whole = speech_regions(backend, audio, params)
+        assert whole, name
+        data = wav_bytes(audio, 16000)
+        for chunk_s in (1.01, 7.3):
+            assert file_speech_regions(backend, io.BytesIO(data), params, 3600, chunk_s) == whole, (name, chunk_s)
+
+
+def test_long_upload_equals_the_whole_file_answer(local_server):
+    """5 min of speech (13.7 s of sample.wav, then the nine AMI excerpts) in a FLAC: the server's answer equals the
+    whole-signal regions, and its 30 s pieces end inside regions."""
+    audio = np.concatenate([read_wav(SAMPLE_WAV)[-int(13.7 * 16000):]] + [a for _, a in _ami_and_sample()[1:]])
+    data = wav_bytes(audio, 16000, "FLAC")
+    r = post_vad(local_server.http, data, "long.flac")
+    assert r.status_code == 200, r.text
+    expected = speech_regions(SileroVad(), audio, VadParams.from_settings(Settings(_env_file=None)))
+    assert r.json() == expected
+    assert sum(any(x["start"] < k * 30 < x["end"] for x in expected) for k in range(1, 10)) >= 3
+
+
+def _vad_peak_memory(minutes: int) -> tuple[int, list[dict]]:
+    """(peak numpy/Python memory in bytes, regions) of the /v1/vad path over `minutes` of a FLAC with 23.5 s of
+    speech at the start of every minute."""
+    import tracemalloc
+
+    from streaming.file_vad import file_speech_regions
+
+    speech = read_wav(SAMPLE_WAV)[int(6.5 * 16000):]
+    minute = np.zeros(60 * 16000, np.float32)
+    minute[: len(speech)] = speech
+    data = wav_bytes(np.tile(minute, minutes), 16000, "FLAC")
+    tracemalloc.start()
+    try:
+        regions = file_speech_regions(SileroVad(), io.BytesIO(data), VadParams(), 3600)
+        return tracemalloc.get_traced_memory()[1], regions
+    finally:
+        tracemalloc.stop()
+
+
+def test_vad_memory_does_not_grow_with_the_file():
+    """4 and 16 min through the /v1/vad path: the peak is a few pieces, the same for both, far below the 61 MB of
+    float32 the 16 min are (the whole-file path held that, and the model's input of the same size, at once)."""
+    short_peak, short_regions = _vad_peak_memory(4)
+    long_peak, long_regions = _vad_peak_memory(16)
+    assert len(short_regions) == 4 and len(long_regions) == 16 and long_regions[-1]["start"] > 15 * 60
+    assert long_peak < 1.2 * short_peak + 1_000_000, (short_peak, long_peak)
+    assert long_peak < 16 * 60 * 16000 * 4 / 4, long_peak
