@@ -51,8 +51,11 @@ MIC_AND_REMOTE = (Channel(0x01, SpeakerLabel(0, is_user=True)), Channel(0x02, Sp
 
 
 async def _speaker_tagger(st: Any, uid: str, params: ListenParams) -> SpeakerTagger:
-    profiles = await st.storage.list_profiles(uid) if params.include_speech_profile else []
-    index = ProfileIndex.from_profiles(profiles, st.pool.embedder_name)
+    """Reads only what matching needs: one centroid per profile of the running embedder (`matching_profiles`; 500
+    people: bench/profile_start.py)."""
+    model = st.pool.embedder_name
+    profiles = await st.storage.matching_profiles(uid, model) if params.include_speech_profile else []
+    index = ProfileIndex.from_profiles(profiles, model)
     return SpeakerTagger(st.pool, index, MATCH_RULES)
 
 

@@ -103,9 +103,11 @@ async def get_person(request: Request, uid: Annotated[str, Depends(user_uid)], p
 @router.post("/v1/people/{person_id}/samples", response_model=ProfileOut,
              summary="Add a voice sample to a person (VAD-trimmed, embedded, stored)")
 async def add_person_sample(request: Request, uid: Annotated[str, Depends(user_uid)], person_id: str,
-                            file: Annotated[UploadFile, File(description="the person speaking, 2 s or more")]):
+                            file: Annotated[UploadFile, File(description="the person speaking: 2 s to "
+                                                                         "PERSON_SAMPLE_MAX_S (120 s) of speech")]):
     await _person(request, uid, person_id)
-    embeddings, seconds = await enrolment_embeddings(request, file, PERSON_SAMPLE_MIN_S, None)
+    max_s = request.app.state.settings.person_sample_max_s  # 422 beyond, checked before the speech is embedded
+    embeddings, seconds = await enrolment_embeddings(request, file, PERSON_SAMPLE_MIN_S, max_s)
     await request.app.state.storage.add_profile_embeddings(uid, person_id, embeddings, seconds)
     return ProfileOut.of(await _person(request, uid, person_id))
 

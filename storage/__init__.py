@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from config import Settings
 from storage.base import SpeakerProfile, Storage
+from storage.profile_rows import ProfileLimits
 
 __all__ = ["SpeakerProfile", "Storage", "open_storage"]
 
@@ -25,5 +26,6 @@ async def open_storage(settings: Settings) -> Storage:
         store = FirestoreStorage.from_settings(settings)
     else:
         raise ValueError(f"unknown DATABASE_CHOICE={settings.database_choice}: sqlite, postgres or firestore")
+    store.profile_limits = ProfileLimits(settings.profile_max_embeddings, settings.profile_dedup_cosine)
     await store.open()
     return store

@@ -18,6 +18,8 @@ from typing import Literal, get_args
 
 import numpy as np
 
+from storage.profile_rows import ProfileLimits, profile_centroid
+
 ProfileKind = Literal["user", "person"]
 ConversationStatus = Literal["in_progress", "processing", "completed", "discarded"]
 CONVERSATION_STATUSES: frozenset[str] = frozenset(get_args(ConversationStatus))
@@ -90,6 +92,9 @@ class Storage(ABC):
     """All methods are coroutines and safe to call concurrently from the event loop. Every read and write of a
     user's data takes the uid, and backends filter by it: one user can never reach another's rows."""
 
+    # What one profile keeps, applied by every profile write (storage.profile_rows); open_storage sets the settings'.
+    profile_limits: ProfileLimits = ProfileLimits()
+
     @abstractmethod
     async def open(self) -> None: ...
 
@@ -102,11 +107,14 @@ class Storage(ABC):
 
     @abstractmethod
     async def save_profile(self, profile: SpeakerProfile) -> None:
-        """Insert or replace the profile and all its embeddings."""
+        """Insert or replace the profile and its embeddings, as `merge_profile_embeddings` keeps them (at most
+        `profile_limits.max_embeddings`, near-duplicates dropped)."""
 
     @abstractmethod
     async def add_profile_embeddings(self, uid: str, profile_id: str, embeddings: np.ndarray, seconds: float) -> bool:
-        """Append embeddings to a profile of this uid; False if there is no such profile."""
+        """Append embeddings to a profile of this uid as `merge_profile_embeddings` keeps them (near-duplicates are
+        not added, the oldest rows go beyond `profile_limits.max_embeddings`; `seconds` counts in proportion to the
+        rows added), in one transaction; False if there is no such profile."""
 
     @abstractmethod
     async def list_profiles(self, uid: str) -> list[SpeakerProfile]: ...
@@ -119,6 +127,13 @@ class Storage(ABC):
 
     async def user_profile(self, uid: str) -> SpeakerProfile | None:
         return next((p for p in await self.list_profiles(uid) if p.kind == "user"), None)
+
+    async def matching_profiles(self, uid: str, model: str) -> list[SpeakerProfile]:
+        """What a stream's speaker matching needs (`ProfileIndex`): this uid's profiles made by `model` that have a
+        voice, oldest first, each with one row, its centroid (of its newest `profile_limits.max_embeddings` rows:
+        profiles stored before the cap may hold more). SQL backends read only those rows; this default lists all."""
+        return [profile_centroid(p, p.embeddings[-self.profile_limits.max_embeddings:])
+                for p in await self.list_profiles(uid) if p.model == model and len(p.embeddings)]
 
     # -- users ---------------------------------------------------------------------------------------------------
 

@@ -67,6 +67,7 @@ from storage.base import (
     close_claimable,
     status_filter,
 )
+from storage.profile_rows import added_seconds, merge_profile_embeddings
 
 MAX_BLOB_BYTES = 1_000_000  # Firestore: a document (all its fields) is at most 1 MiB
 _DELETE_PAGE = 400  # documents per delete batch (a batch writes at most 500)
@@ -185,7 +186,9 @@ class FirestoreStorage(Storage):
     # -- profiles ----------------------------------------------------------------------------------------------
 
     async def save_profile(self, profile: SpeakerProfile) -> None:
-        await self._transact(self._save_profile, profile, _matrix(profile.embeddings))
+        vectors = _matrix(profile.embeddings)
+        await self._transact(self._save_profile, profile,
+                             merge_profile_embeddings(vectors[:0], vectors, self.profile_limits)[0])
 
     async def _save_profile(self, transaction: Any, profile: SpeakerProfile, vectors: np.ndarray) -> None:
         ref = self._profiles(profile.uid).document(profile.id)
@@ -224,12 +227,20 @@ class FirestoreStorage(Storage):
         doc = snap.to_dict()
         if vectors.shape[1] != doc["dim"]:
             raise ValueError(f"embedding size {vectors.shape[1]} does not match the profile's {doc['dim']}")
-        start = _n_embeddings(snap)
-        for i, vector in enumerate(vectors):
-            transaction.set(ref.collection("embeddings").document(_seq_id(start + i)),
-                            {"seq": start + i, "vector": vector.tobytes()})
-        transaction.update(ref, {"n_embeddings": start + len(vectors),
-                                 "speech_seconds": float(doc.get("speech_seconds", 0.0)) + seconds,
+        stored = _n_embeddings(snap)
+        rows, added = merge_profile_embeddings(await self._load_vectors(transaction, snap), vectors,
+                                               self.profile_limits)
+        if not added and len(vectors):
+            return True
+        # all reads done: the kept rows are rewritten at seq 0..n-1 (fewer than 500 writes: the cap is far below)
+        embeddings = ref.collection("embeddings")
+        for seq in range(len(rows), stored):
+            transaction.delete(embeddings.document(_seq_id(seq)))
+        for seq, vector in enumerate(rows):
+            transaction.set(embeddings.document(_seq_id(seq)), {"seq": seq, "vector": vector.tobytes()})
+        transaction.update(ref, {"n_embeddings": len(rows),
+                                 "speech_seconds": float(doc.get("speech_seconds", 0.0))
+                                 + added_seconds(seconds, len(vectors), added),
                                  "updated_at": time.time()})
         return True
 

@@ -23,6 +23,7 @@ import asyncpg
 import numpy as np
 
 from storage.base import Conversation, ConversationStatus, Segment, SpeakerProfile, Storage, User, status_filter
+from storage.profile_rows import added_seconds, merge_profile_embeddings, profile_centroid
 
 log = logging.getLogger(__name__)
 
@@ -226,6 +227,7 @@ class PostgresStorage(Storage):
 
     async def save_profile(self, profile: SpeakerProfile) -> None:
         vectors = _matrix(profile.embeddings)
+        vectors = merge_profile_embeddings(vectors[:0], vectors, self.profile_limits)[0]
         async with self.pool.acquire() as con, con.transaction():
             if profile.kind == "user":  # one user profile per uid: a new enrolment replaces the old one
                 # serialise this uid's enrolments, else two at once both pass the delete and one hits the index
@@ -255,11 +257,15 @@ class PostgresStorage(Storage):
                 return False
             if vectors.shape[1] != dim:
                 raise ValueError(f"embedding size {vectors.shape[1]} does not match the profile's {dim}")
-            start = await con.fetchval("SELECT COALESCE(MAX(seq) + 1, 0) FROM speaker_embeddings "
-                                       "WHERE profile_id = $1", profile_id)
-            await _insert_embeddings(con, profile_id, vectors, start)
-            await con.execute("UPDATE speaker_profiles SET speech_seconds = speech_seconds + $1, updated_at = $2 "
-                              "WHERE id = $3", float(seconds), time.time(), profile_id)
+            blobs = await con.fetch("SELECT vector FROM speaker_embeddings WHERE profile_id = $1 ORDER BY seq",
+                                    profile_id)
+            kept = np.frombuffer(b"".join(b["vector"] for b in blobs), dtype="<f4").reshape(-1, dim)
+            rows, added = merge_profile_embeddings(kept, vectors, self.profile_limits)
+            if added or not len(vectors):
+                await con.execute("DELETE FROM speaker_embeddings WHERE profile_id = $1", profile_id)
+                await _insert_embeddings(con, profile_id, rows, 0)
+                await con.execute("UPDATE speaker_profiles SET speech_seconds = speech_seconds + $1, updated_at = $2 "
+                                  "WHERE id = $3", added_seconds(seconds, len(vectors), added), time.time(), profile_id)
             return True
 
     async def list_profiles(self, uid: str) -> list[SpeakerProfile]:
@@ -272,6 +278,22 @@ class PostgresStorage(Storage):
     async def delete_profile(self, uid: str, profile_id: str) -> bool:
         status = await self.pool.execute("DELETE FROM speaker_profiles WHERE uid = $1 AND id = $2", uid, profile_id)
         return _count(status) > 0
+
+    async def matching_profiles(self, uid: str, model: str) -> list[SpeakerProfile]:
+        rows = await self.pool.fetch(
+            "SELECT p.id, p.kind, p.name, p.dim, p.speech_seconds, p.created_at, p.updated_at, e.vector "
+            "FROM speaker_profiles p CROSS JOIN LATERAL (SELECT seq, vector FROM speaker_embeddings "
+            "WHERE profile_id = p.id ORDER BY seq DESC LIMIT $3) e "
+            "WHERE p.uid = $1 AND p.model = $2 ORDER BY p.created_at, p.id, e.seq",
+            uid, model, self.profile_limits.max_embeddings)
+        found: dict[str, tuple[asyncpg.Record, list[bytes]]] = {}
+        for r in rows:
+            found.setdefault(r["id"], (r, []))[1].append(r["vector"])
+        return [profile_centroid(SpeakerProfile(uid=uid, kind=r["kind"], model=model, embeddings=np.zeros((0, 1)),
+                                                speech_seconds=r["speech_seconds"], name=r["name"], id=r["id"],
+                                                created_at=r["created_at"], updated_at=r["updated_at"]),
+                                 np.frombuffer(b"".join(blobs), dtype="<f4").reshape(-1, r["dim"]))
+                for r, blobs in found.values()]
 
     async def _load_profiles(self, where: str, *args: object) -> list[SpeakerProfile]:
         async with self.pool.acquire() as con, con.transaction(isolation="repeatable_read", readonly=True):

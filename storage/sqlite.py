@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from storage.base import Conversation, ConversationStatus, Segment, SpeakerProfile, Storage, User, status_filter
+from storage.profile_rows import added_seconds, merge_profile_embeddings, profile_centroid
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS speaker_profiles (
@@ -151,6 +152,7 @@ class SqliteStorage(Storage):
     async def save_profile(self, profile: SpeakerProfile) -> None:
         if profile.embeddings.ndim != 2:
             raise ValueError("embeddings must be (n, dim)")
+        rows = merge_profile_embeddings(profile.embeddings[:0], profile.embeddings, self.profile_limits)[0]
 
         def save() -> None:
             db = self._db
@@ -164,7 +166,7 @@ class SqliteStorage(Storage):
                          "speech_seconds": profile.speech_seconds, "created_at": profile.created_at,
                          "updated_at": profile.updated_at})
                 db.execute("DELETE FROM speaker_embeddings WHERE profile_id = ?", (profile.id,))
-                _insert_embeddings(db, profile.id, profile.embeddings, 0)
+                _insert_embeddings(db, profile.id, rows, 0)
 
         await self._run(save)
 
@@ -181,11 +183,14 @@ class SqliteStorage(Storage):
                     return False
                 if embeddings.shape[1] != row[0]:
                     raise ValueError(f"embedding size {embeddings.shape[1]} does not match the profile's {row[0]}")
-                start = db.execute("SELECT COALESCE(MAX(seq) + 1, 0) FROM speaker_embeddings WHERE profile_id = ?",
-                                   (profile_id,)).fetchone()[0]
-                _insert_embeddings(db, profile_id, embeddings, start)
-                db.execute("UPDATE speaker_profiles SET speech_seconds = speech_seconds + ?, updated_at = ? "
-                           "WHERE id = ?", (seconds, time.time(), profile_id))
+                kept = _load_vectors(db, profile_id, row[0])
+                rows, added = merge_profile_embeddings(kept, embeddings, self.profile_limits)
+                if added or not len(embeddings):
+                    db.execute("DELETE FROM speaker_embeddings WHERE profile_id = ?", (profile_id,))
+                    _insert_embeddings(db, profile_id, rows, 0)
+                    db.execute("UPDATE speaker_profiles SET speech_seconds = speech_seconds + ?, updated_at = ? "
+                               "WHERE id = ?", (added_seconds(seconds, len(embeddings), added), time.time(),
+                                                profile_id))
                 return True
 
         return await self._run(add)
@@ -213,13 +218,27 @@ class SqliteStorage(Storage):
         ).fetchall()
         profiles = []
         for pid, uid, kind, name, model, dim, seconds, created, updated in rows:
-            blobs = db.execute("SELECT vector FROM speaker_embeddings WHERE profile_id = ? ORDER BY seq",
-                               (pid,)).fetchall()
-            vectors = np.frombuffer(b"".join(b[0] for b in blobs), dtype="<f4").reshape(-1, dim)
-            profiles.append(SpeakerProfile(uid=uid, kind=kind, model=model, embeddings=vectors.copy(),
+            profiles.append(SpeakerProfile(uid=uid, kind=kind, model=model, embeddings=_load_vectors(db, pid, dim),
                                            speech_seconds=seconds, name=name, id=pid, created_at=created,
                                            updated_at=updated))
         return profiles
+
+    async def matching_profiles(self, uid: str, model: str) -> list[SpeakerProfile]:
+        def load() -> list[SpeakerProfile]:
+            db, newest = self._db, self.profile_limits.max_embeddings
+            rows = db.execute("SELECT id, kind, name, dim, speech_seconds, created_at, updated_at "
+                              "FROM speaker_profiles WHERE uid = ? AND model = ? ORDER BY created_at",
+                              (uid, model)).fetchall()
+            found = []
+            for pid, kind, name, dim, seconds, created, updated in rows:
+                vectors = _load_vectors(db, pid, dim, newest)
+                if len(vectors):
+                    found.append(profile_centroid(SpeakerProfile(
+                        uid=uid, kind=kind, model=model, embeddings=vectors, speech_seconds=seconds, name=name,
+                        id=pid, created_at=created, updated_at=updated), vectors))
+            return found
+
+        return await self._run(load)
 
 
     # -- users -------------------------------------------------------------------------------------------------
@@ -435,6 +454,13 @@ def _upsert(db: sqlite3.Connection, table: str, key: str, row: dict[str, Any]) -
                      f'ON CONFLICT ("{key}") DO UPDATE SET {updates}{guard}', tuple(row.values()))
     if cur.rowcount == 0:
         raise KeyError(f"{table} {row[key]} belongs to another user")
+
+
+def _load_vectors(db: sqlite3.Connection, profile_id: str, dim: int, newest: int = -1) -> np.ndarray:
+    """The profile's rows in order (only its `newest` last ones when given), as a writable (n, dim) float32 array."""
+    blobs = db.execute("SELECT vector FROM (SELECT seq, vector FROM speaker_embeddings WHERE profile_id = ? "
+                       "ORDER BY seq DESC LIMIT ?) ORDER BY seq", (profile_id, newest)).fetchall()
+    return np.frombuffer(b"".join(b[0] for b in blobs), dtype="<f4").reshape(-1, dim).copy()
 
 
 def _insert_embeddings(db: sqlite3.Connection, profile_id: str, embeddings: np.ndarray, start: int) -> None:
