@@ -2,7 +2,8 @@
 
 - On connect: continue the user's `in_progress` conversation if its last speech is younger than its timeout (new
   segment times continue where it left off), else start a new one.
-- Every final segment is persisted before it is sent to the client.
+- A final segment is sent to the client once it is persisted; while storage fails (or is slower than its write
+  timeout) it is sent and kept in memory for a retry instead (`streaming/segment_writer.py`).
 - `timeout_s` after the last speech a conversation is closed: status `processing`, then `completed` (or
   `discarded` when it has no speech) with the summary of its merged segments (title, overview, emoji, category,
   action items). Connected clients of that user get `memory_processing_started` and `memory_created`, the

@@ -64,7 +64,8 @@ class WsClient:
       is dropped, an `error` event `slow_client` is attempted, the stream is told to stop reading (`request_stop`)
       and closes with 1008 (`CloseCode.POLICY`; the client broke the rule that it reads its messages), counted in
       `ws_slow_clients_closed_total`. The stream still finishes and stores everything (segments are stored before
-      they are sent): the client re-reads them from `/v1/conversations` when it reconnects.
+      they are sent, save during a storage outage: `SegmentWriter`): the client re-reads them from
+      `/v1/conversations` when it reconnects.
     - `close` is queued behind what is queued already, which gets WS_SLOW_CLIENT_TIMEOUT_S to go out.
 
     Also the stop signal for the stream's receive loop (`request_stop`, `receive`): server shutdown, slow client.

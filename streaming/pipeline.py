@@ -269,8 +269,9 @@ class Pipeline:
         await self._deliver(changed)
 
     async def _deliver(self, changed: list[TranscriptSegment]) -> None:
-        """Persist, then send: a segment the client has seen is a segment that is stored. While storage is down
-        the client still gets its transcript at once; the writer keeps the segments for its background retry."""
+        """Persist, then send: while storage answers, a segment the client has seen is a segment that is stored.
+        While it is down (or slow) the client still gets its transcript at once, unstored; the writer keeps the
+        segments for its background retry (bounded: `SegmentWriter`)."""
         if not changed:
             return
         moved = await self.writer.store(changed) if self.writer is not None else []

@@ -1,11 +1,12 @@
 """One stream's segment writes, riding out storage outages. Lives in the stream's `Pipeline` (per-connection state).
 
-Segments are stored before the client sees them. When a write fails (or takes longer than `write_timeout_s`), the
-segments are kept in memory, the latest version of each id in first-seen order, and a background task writes them
-with exponential backoff until storage answers again; the client gets its transcript meanwhile. Segments are
-upserted by id, so a segment written again is updated, never stored twice. At the stream's end `drain` retries for
-up to `retry_on_close_s`, then counts what is left as lost (metrics and one log line). Beyond `pending_max` kept
-segments the oldest are dropped and counted, so an outage cannot grow memory without bound.
+A segment is sent to the client after its write returned. When a write fails (or takes longer than
+`write_timeout_s`), the client still gets the segments at once, unstored: they are kept in memory, the latest
+version of each id in first-seen order, and a background task writes them with exponential backoff until storage
+answers again. Segments are upserted by id, so a segment written again is updated, never stored twice. At the
+stream's end `drain` retries for up to `retry_on_close_s`, then counts what is left as lost (metrics and one log
+line). Beyond `pending_max` kept segments the oldest are dropped and counted, so an outage cannot grow memory
+without bound; a process that dies loses what it kept.
 """
 
 from __future__ import annotations

@@ -284,6 +284,83 @@ async def test_stream_opened_while_postgres_is_down_is_refused_then_works(
     assert "Traceback" not in server.log()
 
 
+async def test_a_segment_is_sent_after_it_is_stored_and_while_down_kept_then_counted_lost(
+        postgres: PgCluster, deepgram: ThreadedDeepgramTestServer, tmp_path: Path) -> None:
+    """What the README says, exactly. While PostgreSQL answers, every version of a segment the client gets is
+    already in the database when it arrives (queried on receipt). While it is down the client still gets the
+    segment's newer versions at once, unstored: the server keeps them for its retry. When the stream ends still
+    inside the outage, the server retries for STORAGE_RETRY_ON_CLOSE_S (2 s here), then counts the kept segment in
+    `omi_storage_segments_lost_total`: after PostgreSQL is back the database holds the version stored before the
+    outage, not the words sent during it."""
+    uid = f"claim-{uuid.uuid4().hex[:8]}"
+    server = start_server(tmp_path, DATABASE_CHOICE="postgres", POSTGRES_URL=postgres.dsn, STT_BACKEND="deepgram",
+                          DEEPGRAM_URL=deepgram.url, DEEPGRAM_API_KEY="dg-key", JOBS_ENABLED="false",
+                          STORAGE_RETRY_ON_CLOSE_S="2")
+    frames = pcm16_frames(read_wav(SAMPLE_WAV)[6 * RATE : 20 * RATE])
+    a = int(6 / FRAME_S)
+    db = await asyncpg.connect(postgres.dsn)
+    try:
+        lost_before = metric(server, "storage_segments_lost_total")
+        stored_on_receipt: list[tuple[str, str | None]] = []  # (text received, text in the database then)
+        kept: set[str] = set()  # ids of which a version came while PostgreSQL was down
+        down = asyncio.Event()
+        seen: dict[str, dict] = {}
+        async with connect(f"{server.ws}/v4/listen?codec=pcm16&sample_rate=16000",
+                           additional_headers={"Authorization": f"Bearer {uid}"}) as ws:
+
+            async def reader() -> None:
+                with contextlib.suppress(ConnectionClosed):
+                    async for message in ws:
+                        payload = json.loads(message) if message != "ping" else None
+                        if not isinstance(payload, list):
+                            continue
+                        seen.update({s["id"]: s for s in payload})
+                        for seg in payload:
+                            if down.is_set():
+                                kept.add(seg["id"])
+                                continue
+                            try:
+                                row = await db.fetchrow("SELECT text FROM segments WHERE id = $1", seg["id"])
+                            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                                continue  # PostgreSQL is stopping
+                            stored_on_receipt.append((seg["text"], row["text"] if row else None))
+
+            task = asyncio.create_task(reader())
+            for frame in frames[:a]:
+                await ws.send(frame)
+                await asyncio.sleep(FRAME_S)
+            await asyncio.sleep(1.5)  # the results of what was sent
+            await asyncio.to_thread(postgres.stop)
+            down.set()
+            for frame in frames[a:]:
+                await ws.send(frame)
+                await asyncio.sleep(FRAME_S)
+            await asyncio.sleep(1.5)
+            await ws.close()
+            await asyncio.wait_for(task, 10)
+        deadline = time.monotonic() + 30
+        while f"stream closed uid={uid} " not in server.log():
+            assert time.monotonic() < deadline, "the stream did not end"
+            await asyncio.sleep(0.2)
+        lost = metric(server, "storage_segments_lost_total") - lost_before
+        await db.close()
+        await asyncio.to_thread(postgres.start)
+        db = await asyncpg.connect(postgres.dsn)
+        rows = await db.fetch("SELECT id, text FROM segments WHERE uid = $1", uid)
+    finally:
+        await db.close()
+        stop_server(server)
+    assert len(stored_on_receipt) >= 3 and kept  # segments came in both phases
+    for received, in_database in stored_on_receipt:  # stored first (maybe a newer version by the query's time)
+        assert in_database is not None and in_database.startswith(received)
+    in_database = {r["id"]: r["text"] for r in rows}
+    for segment_id, segment in seen.items():  # the client's last version is stored unless it came while down
+        assert (in_database.get(segment_id) == segment["text"]) is (segment_id not in kept)
+    assert lost == len(kept)  # each kept segment counted once
+    assert "segments of this stream were not stored" in server.log()
+    assert "Traceback" not in server.log()
+
+
 # -- in process: the retry's bookkeeping, on the real PostgreSQL with failures at chosen calls ---------------------
 
 
