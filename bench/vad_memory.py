@@ -3,7 +3,7 @@ path it ran before (kept callable here only). Each run is a fresh Python process
 the VAD, notes its RSS, handles the upload as the route does, and prints its peak RSS (`ru_maxrss`).
 
 The uploads repeat ../shared/data/sample.wav (30 s, 23 s of speech) in Ogg Opus at 16 kbit/s (1 h: ~7 MB, 4 h:
-~29 MB), built once into --workdir.
+~29 MB), built once into --workdir (the first run spends a few minutes encoding).
 
     .venv/bin/python bench/vad_memory.py [--hours 1 4] [--workdir /tmp/vad_memory]
 """
@@ -38,6 +38,7 @@ def build_upload(hours: float, path: Path) -> Path:
     with av.open(str(tmp), mode="w", format="ogg") as out:
         stream = out.add_stream("libopus", rate=rate, layout="mono")
         stream.bit_rate = 16000
+        stream.options = {"compression_level": "0"}  # the fastest encoding: hours of audio in seconds
         pts = 0
         for _ in range(repeats):
             frame = av.AudioFrame.from_ndarray(speech[None], format="flt", layout="mono")
