@@ -160,6 +160,15 @@ def deepgram_words(deepgram: ThreadedDeepgramTestServer, index: int) -> tuple[li
     return words, len(conn.audio_samples()) / RATE
 
 
+async def read_segment_lists(ws, on_segments) -> None:
+    """Until the server closes: `on_segments(list)` for each segment list the client gets (events skipped)."""
+    with contextlib.suppress(ConnectionClosed):
+        async for message in ws:
+            payload = json.loads(message) if message != "ping" else None
+            if isinstance(payload, list):
+                await on_segments(payload)
+
+
 async def test_postgres_down_mid_stream_keeps_segments_and_writes_them_once(
         server: ServerProcess, pg_restored: PgCluster, deepgram: ThreadedDeepgramTestServer) -> None:
     postgres = pg_restored
@@ -176,15 +185,11 @@ async def test_postgres_down_mid_stream_keeps_segments_and_writes_them_once(
     async with connect(f"{server.ws}/v4/listen?codec=pcm16&sample_rate=16000",
                        additional_headers={"Authorization": f"Bearer {uid}"}) as ws:
 
-        async def reader() -> None:
-            with contextlib.suppress(ConnectionClosed):
-                async for message in ws:
-                    payload = json.loads(message) if message != "ping" else None
-                    if isinstance(payload, list):
-                        seen.update({s["id"]: s for s in payload})
-                        received_at.append(time.monotonic())
+        async def on_segments(payload: list[dict]) -> None:
+            seen.update({s["id"]: s for s in payload})
+            received_at.append(time.monotonic())
 
-        task = asyncio.create_task(reader())
+        task = asyncio.create_task(read_segment_lists(ws, on_segments))
         for frame in frames[:a]:
             await ws.send(frame)
             await asyncio.sleep(FRAME_S / 4)
@@ -308,24 +313,19 @@ async def test_a_segment_is_sent_after_it_is_stored_and_while_down_kept_then_cou
         async with connect(f"{server.ws}/v4/listen?codec=pcm16&sample_rate=16000",
                            additional_headers={"Authorization": f"Bearer {uid}"}) as ws:
 
-            async def reader() -> None:
-                with contextlib.suppress(ConnectionClosed):
-                    async for message in ws:
-                        payload = json.loads(message) if message != "ping" else None
-                        if not isinstance(payload, list):
-                            continue
-                        seen.update({s["id"]: s for s in payload})
-                        for seg in payload:
-                            if down.is_set():
-                                kept.add(seg["id"])
-                                continue
-                            try:
-                                row = await db.fetchrow("SELECT text FROM segments WHERE id = $1", seg["id"])
-                            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
-                                continue  # PostgreSQL is stopping
-                            stored_on_receipt.append((seg["text"], row["text"] if row else None))
+            async def on_segments(payload: list[dict]) -> None:
+                seen.update({s["id"]: s for s in payload})
+                for seg in payload:
+                    if down.is_set():
+                        kept.add(seg["id"])
+                        continue
+                    try:
+                        row = await db.fetchrow("SELECT text FROM segments WHERE id = $1", seg["id"])
+                    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                        continue  # PostgreSQL is stopping
+                    stored_on_receipt.append((seg["text"], row["text"] if row else None))
 
-            task = asyncio.create_task(reader())
+            task = asyncio.create_task(read_segment_lists(ws, on_segments))
             for frame in frames[:a]:
                 await ws.send(frame)
                 await asyncio.sleep(FRAME_S)
