@@ -280,20 +280,21 @@ class PostgresStorage(Storage):
         return _count(status) > 0
 
     async def matching_profiles(self, uid: str, model: str) -> list[SpeakerProfile]:
-        rows = await self.pool.fetch(
-            "SELECT p.id, p.kind, p.name, p.dim, p.speech_seconds, p.created_at, p.updated_at, e.vector "
-            "FROM speaker_profiles p CROSS JOIN LATERAL (SELECT seq, vector FROM speaker_embeddings "
-            "WHERE profile_id = p.id ORDER BY seq DESC LIMIT $3) e "
-            "WHERE p.uid = $1 AND p.model = $2 ORDER BY p.created_at, p.id, e.seq",
-            uid, model, self.profile_limits.max_embeddings)
-        found: dict[str, tuple[asyncpg.Record, list[bytes]]] = {}
-        for r in rows:
-            found.setdefault(r["id"], (r, []))[1].append(r["vector"])
+        async with self.pool.acquire() as con, con.transaction(isolation="repeatable_read", readonly=True):
+            profiles = await con.fetch("SELECT id, kind, name, dim, speech_seconds, created_at, updated_at "
+                                       "FROM speaker_profiles WHERE uid = $1 AND model = $2 ORDER BY created_at, id",
+                                       uid, model)
+            blobs: dict[str, list[bytes]] = {r["id"]: [] for r in profiles}
+            for e in await con.fetch("SELECT profile_id, vector FROM speaker_embeddings WHERE profile_id = ANY($1) "
+                                     "ORDER BY profile_id, seq", list(blobs)):
+                blobs[e["profile_id"]].append(e["vector"])
+        newest = self.profile_limits.max_embeddings  # profiles stored before the cap may hold more rows
+        blobs = {pid: rows[-newest:] for pid, rows in blobs.items()}
         return [profile_centroid(SpeakerProfile(uid=uid, kind=r["kind"], model=model, embeddings=np.zeros((0, 1)),
                                                 speech_seconds=r["speech_seconds"], name=r["name"], id=r["id"],
                                                 created_at=r["created_at"], updated_at=r["updated_at"]),
-                                 np.frombuffer(b"".join(blobs), dtype="<f4").reshape(-1, r["dim"]))
-                for r, blobs in found.values()]
+                                 np.frombuffer(b"".join(blobs[r["id"]]), dtype="<f4").reshape(-1, r["dim"]))
+                for r in profiles if blobs[r["id"]]]
 
     async def _load_profiles(self, where: str, *args: object) -> list[SpeakerProfile]:
         async with self.pool.acquire() as con, con.transaction(isolation="repeatable_read", readonly=True):
