@@ -348,8 +348,10 @@ def test_internal_key_caller_identifies_the_user(key_server):
         assert r.status_code == 401 and INTERNAL_KEY not in r.text, (headers, r.text)
     # The key is for speaker identification only.
     assert httpx.get(f"{key_server.http}/v3/speech-profile", headers=internal).status_code == 401
-    # /v1/vad stays open, as Omi's backend calls it with no credentials.
-    vad = httpx.post(f"{key_server.http}/v1/vad", files={"file": ("a.wav", wav_bytes(audio[: 5 * SR]), "audio/wav")})
+    # /v1/vad: Omi's backend calls it without user credentials, so with auth configured it must be the internal caller.
+    files = {"file": ("a.wav", wav_bytes(audio[: 5 * SR]), "audio/wav")}
+    assert httpx.post(f"{key_server.http}/v1/vad", files=files).status_code == 401
+    vad = httpx.post(f"{key_server.http}/v1/vad", files=files, headers=internal)
     assert vad.status_code == 200 and isinstance(vad.json(), list)
 
 
