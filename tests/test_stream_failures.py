@@ -255,3 +255,29 @@ async def test_a_failing_finish_still_stores_the_end_and_closes_1011(tmp_path, c
     assert stored and {s.id for s in stored} == set(result.segments)  # the last segments were stored and sent
     [record] = stream_errors(caplog, uid)
     assert record.exc_info is not None and "failed to close" in str(record.exc_info[1])
+
+
+async def test_a_closed_model_pool_mid_stream_ends_the_stream_with_1013(tmp_path, caplog):
+    """The model pool stops under a live stream (`ModelPool.close`, as at the server's shutdown; in process: a
+    server process closes its pool only after its streams ended). The stream ends with an `error` event
+    `server_unavailable` and close 1013 (try again later: another replica), one ERROR line without a traceback,
+    and its end is stored (the VAD flush at the end runs without the pool)."""
+    caplog.set_level(logging.INFO)
+    uid = "pool-closed"
+    async with in_process_server(tmp_path) as (app, base):
+        frames = SPEECH_THEN_SILENCE
+
+        async def close_pool_midway() -> None:  # once the VAD has scored some of the stream's frames
+            while app.state.pool.stats()["vad"]["items"] < 10:
+                await asyncio.sleep(0.05)
+            await app.state.pool.close()
+
+        closer = asyncio.create_task(close_pool_midway())
+        result = await stream_frames(base + URL, frames, headers={"Authorization": f"Bearer {uid}"}, pace_s=0.01,
+                                     close=False, timeout_s=30)
+        await closer
+        await stream_end_was_stored(app, uid, caplog)
+    assert result.close_code == 1013
+    assert [e["code"] for e in result.errors()] == ["server_unavailable"]
+    [record] = stream_errors(caplog, uid)
+    assert record.exc_info is None and "model pool vad" in record.getMessage()
