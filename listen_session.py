@@ -63,6 +63,15 @@ async def _speaker_tagger(st: Any, uid: str, params: ListenParams) -> SpeakerTag
 
 
 async def serve_stream(client: WsClient, params: ListenParams, uid: str, st: Any, s: Settings) -> None:
+    """Serves one admitted stream to its end. A failure outside the receive loop and the stream's end (setting
+    it up) still ends it as any failure does: one log line, an `error` event, a defined close code."""
+    try:
+        await _serve_stream(client, params, uid, st, s)
+    except Exception as exc:
+        await client.close(await _end_on_failure(client, exc, uid))
+
+
+async def _serve_stream(client: WsClient, params: ListenParams, uid: str, st: Any, s: Settings) -> None:
     await client.send_json(ServiceStatusEvent(status="initiating", status_text="Service starting").model_dump())
     channels = MIC_AND_REMOTE if params.channels == 2 else MONO
     try:  # a multi-channel frame carries one channel's mono audio

@@ -281,3 +281,23 @@ async def test_a_closed_model_pool_mid_stream_ends_the_stream_with_1013(tmp_path
     assert [e["code"] for e in result.errors()] == ["server_unavailable"]
     [record] = stream_errors(caplog, uid)
     assert record.exc_info is None and "model pool vad" in record.getMessage()
+
+
+async def test_a_failure_setting_the_stream_up_closes_1011_with_one_log_line(tmp_path, caplog):
+    """Making the stream's STT session raises (in process: the factory fails for this stream). The stream ends with
+    `internal_error` and 1011 and one ERROR line with the traceback; before, the exception left the handler (a
+    traceback from uvicorn, no event for the client)."""
+    caplog.set_level(logging.INFO)
+    uid = "setup-fails"
+    async with in_process_server(tmp_path) as (app, base):
+
+        def session(*args: Any, **kwargs: Any) -> Any:
+            raise RuntimeError("no STT session for this stream")
+
+        app.state.stt_factory.session = session
+        result = await stream_frames(base + URL, [], headers={"Authorization": f"Bearer {uid}"}, close=False,
+                                     timeout_s=30)
+    assert result.close_code == 1011
+    assert [e["code"] for e in result.errors()] == ["internal_error"]
+    [record] = stream_errors(caplog, uid)
+    assert record.exc_info is not None and "no STT session" in str(record.exc_info[1])
