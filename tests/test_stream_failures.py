@@ -268,7 +268,7 @@ async def test_a_closed_model_pool_mid_stream_ends_the_stream_with_1013(tmp_path
         frames = SPEECH_THEN_SILENCE
 
         async def close_pool_midway() -> None:  # once the VAD has scored some of the stream's frames
-            while app.state.pool.stats()["vad"]["items"] < 10:
+            while app.state.pool.stats()["vad"]["items"] < 60:  # a job per frame at least: 1.2 s
                 await asyncio.sleep(0.05)
             await app.state.pool.close()
 
