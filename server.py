@@ -285,11 +285,17 @@ async def _admit(client: WsClient, websocket: WebSocket, uid: str, st: Any, s: S
         return await client.refuse(CloseCode.POLICY, "bad_parameters", problems)
     if st.draining:
         return await client.refuse(CloseCode.TRY_AGAIN_LATER, "shutting_down", SHUTTING_DOWN_MESSAGE)
-    if st.active_streams >= s.max_streams or not await _pool_has_room(st.pool):
+    # The streams this one replaces make room for it: a user's reconnect is never refused for their own old stream.
+    mine = st.user_streams.get(uid, [])
+    replaced = max(len(mine) - s.max_streams_per_user + 1, 0) if s.max_streams_per_user else 0
+    if st.active_streams - replaced >= s.max_streams or not await _pool_has_room(st.pool):
         return await client.refuse(CloseCode.TRY_AGAIN_LATER, "server_full", "server full, retry in 5 s")
+    if st.draining:  # the drain began while waiting for the pool; no await from here to the registration
+        return await client.refuse(CloseCode.TRY_AGAIN_LATER, "shutting_down", SHUTTING_DOWN_MESSAGE)
 
     # The replaced stream is dropped at once, never awaited: its client may be dead or not reading, and its close
-    # could take WS_SLOW_CLIENT_TIMEOUT_S. Its own task finishes its audio, stores it and closes it (bounded).
+    # could take WS_SLOW_CLIENT_TIMEOUT_S. Its own task finishes its audio, stores it and closes it (bounded; until
+    # then it still counts in active_streams).
     mine = st.user_streams.setdefault(uid, [])
     while s.max_streams_per_user and len(mine) >= s.max_streams_per_user:
         mine.pop(0).stop_with_error(CloseCode.GOING_AWAY, "replaced", REPLACED_MESSAGE)

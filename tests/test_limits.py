@@ -53,6 +53,21 @@ async def test_a_users_newer_stream_replaces_the_older(server):
     assert "ready" in second.statuses() and not second.errors() and second.close_code == 1000
 
 
+async def test_a_full_server_takes_a_users_reconnect_in_place_of_their_old_stream(server):
+    """MAX_STREAMS=2, both taken (users a and b): a's reconnect replaces a's stream instead of being refused."""
+    await no_streams(server)
+    async with connect(server.ws + URL, additional_headers={"Authorization": "Bearer full-a"}) as a, \
+            connect(server.ws + URL, additional_headers={"Authorization": "Bearer full-b"}) as b:
+        await ready(a)
+        await ready(b)
+        again = await stream_frames(server.ws + URL, silence_frames(0.5), headers={"Authorization": "Bearer full-a"},
+                                    until=lambda r: "ready" in r.statuses(), timeout_s=20)
+        events = await asyncio.wait_for(events_until_closed(a), 30)
+        assert a.close_code == 1001
+    assert "ready" in again.statuses() and not again.errors() and again.close_code == 1000
+    assert [e["code"] for e in events if e.get("type") == "error"] == ["replaced"]
+
+
 async def no_streams(server) -> None:
     """Wait until the server has finished every earlier stream (it processes their audio after the close)."""
     import httpx
