@@ -4,6 +4,7 @@ error and a defined close code."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 
 import pytest
@@ -55,11 +56,7 @@ async def test_a_users_newer_stream_replaces_the_older(server):
 
 async def test_a_full_server_takes_a_users_reconnect_in_place_of_their_old_stream(server):
     """MAX_STREAMS=2, both taken (users a and b): a's reconnect replaces a's stream instead of being refused."""
-    await no_streams(server)
-    async with connect(server.ws + URL, additional_headers={"Authorization": "Bearer full-a"}) as a, \
-            connect(server.ws + URL, additional_headers={"Authorization": "Bearer full-b"}) as b:
-        await ready(a)
-        await ready(b)
+    async with full_server(server, "full-a", "full-b") as (a, _):
         again = await stream_frames(server.ws + URL, silence_frames(0.5), headers={"Authorization": "Bearer full-a"},
                                     until=lambda r: "ready" in r.statuses(), timeout_s=20)
         events = await asyncio.wait_for(events_until_closed(a), 30)
@@ -79,12 +76,21 @@ async def no_streams(server) -> None:
     raise AssertionError("streams still open")
 
 
-async def test_streams_beyond_max_streams_are_refused_with_1013(server):
+@contextlib.asynccontextmanager
+async def full_server(server, *uids: str):
+    """Once earlier streams are done, a ready stream for each of `uids` (MAX_STREAMS of them: the server is full)."""
     await no_streams(server)
-    async with connect(server.ws + URL, additional_headers={"Authorization": "Bearer a"}) as a, \
-            connect(server.ws + URL, additional_headers={"Authorization": "Bearer b"}) as b:
-        await ready(a)
-        await ready(b)
+    async with contextlib.AsyncExitStack() as stack:
+        streams = [await stack.enter_async_context(connect(server.ws + URL,
+                                                           additional_headers={"Authorization": f"Bearer {uid}"}))
+                   for uid in uids]
+        for ws in streams:
+            await ready(ws)
+        yield streams
+
+
+async def test_streams_beyond_max_streams_are_refused_with_1013(server):
+    async with full_server(server, "a", "b"):
         third = await stream_frames(server.ws + URL, [], headers={"Authorization": "Bearer c"}, close=False,
                                     timeout_s=20)
     assert third.close_code == 1013 and [e["code"] for e in third.errors()] == ["server_full"]
