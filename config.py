@@ -65,10 +65,10 @@ class Settings(BaseSettings):
     pool_max_batch: int = 32
     pool_max_wait_ms: float = 10.0
     pool_queue_size: int = 2048
-    # The batch lane of the speaker pool (/v1/speaker-identification's clips): served only when no live window
-    # waits, in model calls of POOL_BATCH_MAX_BATCH clips (a live window waits at most one such call); never counts
-    # as live saturation. A request submits 2 x POOL_BATCH_MAX_BATCH clips at a time: the queue holds that for
-    # POOL_BATCH_QUEUE_SIZE / (2 x POOL_BATCH_MAX_BATCH) requests at once; beyond, 503 with Retry-After.
+    # The speaker pool's batch worker (/v1/speaker-identification's clips): its own thread at the lowest priority,
+    # model calls of POOL_BATCH_MAX_BATCH clips; its queue never counts as live saturation. A request submits
+    # 2 x POOL_BATCH_MAX_BATCH clips at a time: the queue holds that for POOL_BATCH_QUEUE_SIZE / (2 x
+    # POOL_BATCH_MAX_BATCH) requests at once; beyond, 503 with Retry-After.
     pool_batch_queue_size: int = Field(default=64, ge=1)
     pool_batch_max_batch: int = Field(default=4, ge=1)
     # The live streams' VAD: every stream's new frames scored together, one model call per 32 ms step.

@@ -109,10 +109,7 @@ class JobRunner:
                  notifier: Notifier | None = None, *, owner: str | None = None) -> None:
         self.settings = settings
         self.storage = storage
-        self.conversations = conversations
-        # The sweep retakes a close whose lease ran out, so the lease is the jobs' setting (server.py makes the
-        # service before the runner and passes it here; any REST close then claims with the same lease).
-        conversations.close_lease_s = settings.conversation_close_lease_s
+        self.conversations = conversations  # made with CONVERSATION_CLOSE_LEASE_S, the lease the sweep retakes after
         self._owns_notifier = notifier is None
         self.notifier = notifier if notifier is not None else ChannelNotifier(settings)
         self.owner = owner or instance_id()

@@ -47,6 +47,7 @@ from fastapi import APIRouter, Depends, File, HTTPException, Query, Request, Upl
 from fastapi.responses import FileResponse
 from pydantic import BaseModel
 
+from batch_threads import batch_threads
 from people_routes import ProfileOut, StatusOk
 from request_auth import caller, user_uid
 from storage import SpeakerProfile
@@ -228,8 +229,9 @@ def omi_wav(data: bytes) -> np.ndarray:
 async def upload_audio(request: Request, uid: Annotated[str, Depends(user_uid)],
                        file: Annotated[UploadFile, File(description="16 kHz WAV, 5-180 s, of the user speaking")]):
     data = await read_upload(file, request.app.state.settings.max_upload_mb)
-    audio = await asyncio.to_thread(omi_wav, data)
-    speech = await asyncio.to_thread(speech_only, request, audio)
+    threads = batch_threads(request.app.state)  # bulk work: low-priority threads, the live streams go first
+    audio = await threads.run(omi_wav, data)
+    speech = await threads.run(speech_only, request, audio)
     if len(speech) == 0:
         raise HTTPException(400, "Audio is empty")
     if len(speech) < OMI_MIN_SPEECH_S * SAMPLE_RATE:

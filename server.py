@@ -36,6 +36,7 @@ import omi_profile_routes  # noqa: E402
 import people_routes  # noqa: E402
 import vad_routes  # noqa: E402
 from auth import Authenticator, AuthError  # noqa: E402
+from batch_threads import batch_threads  # noqa: E402
 from config import Settings, get_settings  # noqa: E402
 from conversations import ConversationService  # noqa: E402
 from listen_session import serve_stream  # noqa: E402
@@ -74,12 +75,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await asyncio.to_thread(st.vad_backend.warm_up)
         st.stt_factory = await asyncio.to_thread(SttFactory, s)
         st.storage = await open_storage(s)
-        st.conversations = ConversationService(st.storage, summarizer=make_summarizer(s))
+        st.conversations = ConversationService(st.storage, summarizer=make_summarizer(s),
+                                               close_lease_s=s.conversation_close_lease_s)
         st.jobs = jobs.JobRunner(s, st.storage, st.conversations)
         if s.jobs_enabled:
             st.jobs.start()
         st.pool = await ModelPool.create(s, vad_backend=st.vad_backend)
-        st.identifier = SegmentIdentifier(st.pool, st.vad_backend, st.vad_params, MATCH_RULES)
+        st.identifier = SegmentIdentifier(st.pool, st.vad_backend, st.vad_params, MATCH_RULES,
+                                          run_blocking=batch_threads(st).run)
         st.ready = True
         log.info("ready: vad=%s stt=%s device=%s", st.vad_backend.name, st.stt_factory.backend, s.model_device)
         restore_signals = _drain_before_exit_on_signals(app)
@@ -88,6 +91,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         st.ready = False
         await st.jobs.shutdown()
         await st.pool.close()
+        batch_threads(st).close()
         await st.conversations.summarizer.aclose()
         await st.storage.close()
 

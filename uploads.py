@@ -4,13 +4,13 @@ with the same VAD as the streams, embedded in 3 s pieces. (`upload_guard` bounds
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 from typing import BinaryIO, TypeVar
 
 import numpy as np
 from fastapi import HTTPException, Request, UploadFile
 
+from batch_threads import batch_threads
 from streaming.audiofile import AudioFileError, decode_audio_file
 from streaming.speaker import SAMPLE_RATE
 from streaming.vad import detect_regions
@@ -43,10 +43,11 @@ def spooled_upload(upload: UploadFile, max_mb: float) -> BinaryIO:
     return upload.file
 
 
-async def decode_in_worker(work: Callable[..., T], *args: object) -> T:
-    """`work(*args)` (blocking: decoding, VAD) in a worker thread; an AudioFileError becomes its HTTP status."""
+async def decode_in_worker(request: Request, work: Callable[..., T], *args: object) -> T:
+    """`work(*args)` (blocking: decoding, VAD) in a low-priority batch thread (`batch_threads`); an AudioFileError
+    becomes its HTTP status."""
     try:
-        return await asyncio.to_thread(work, *args)
+        return await batch_threads(request.app.state).run(work, *args)
     except AudioFileError as exc:
         raise HTTPException(exc.status, str(exc)) from None
 
@@ -54,7 +55,7 @@ async def decode_in_worker(work: Callable[..., T], *args: object) -> T:
 async def read_audio(request: Request, upload: UploadFile) -> np.ndarray:
     settings = request.app.state.settings
     source = spooled_upload(upload, settings.max_upload_mb)
-    return await decode_in_worker(decode_audio_file, source, settings.max_upload_seconds)
+    return await decode_in_worker(request, decode_audio_file, source, settings.max_upload_seconds)
 
 
 def speech_only(request: Request, audio: np.ndarray) -> np.ndarray:
@@ -67,7 +68,7 @@ def speech_only(request: Request, audio: np.ndarray) -> np.ndarray:
 async def enrolment_speech(request: Request, upload: UploadFile, min_s: float, max_s: float | None) -> np.ndarray:
     """The VAD-trimmed speech of an enrolment upload; 422 when there is less than min_s or more than max_s."""
     audio = await read_audio(request, upload)
-    speech = await asyncio.to_thread(speech_only, request, audio)
+    speech = await batch_threads(request.app.state).run(speech_only, request, audio)
     seconds = len(speech) / SAMPLE_RATE
     if seconds < min_s:
         raise HTTPException(422, f"{seconds:.1f} s of speech found; at least {min_s:g} s needed")

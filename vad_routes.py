@@ -33,5 +33,5 @@ async def vad(request: Request, file: Annotated[UploadFile, File(description="au
               _slot: Annotated[None, Depends(batch_slot)]):  # at most BATCH_MAX_CONCURRENT batch requests at once
     st = request.app.state
     source = spooled_upload(file, st.settings.max_upload_mb)
-    return await decode_in_worker(file_speech_regions, st.vad_backend, source, st.vad_params,
+    return await decode_in_worker(request, file_speech_regions, st.vad_backend, source, st.vad_params,
                                   st.settings.max_upload_seconds)

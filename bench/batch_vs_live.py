@@ -77,7 +77,8 @@ class BatchLoad:
 
 
 def speaker_lane(http: str) -> dict[str, Any]:
-    return httpx.get(f"{http}/ready", timeout=10).json().get("pool", {}).get("speaker", {})
+    """The speaker pool's batch worker's stats."""
+    return httpx.get(f"{http}/ready", timeout=10).json().get("pool", {}).get("speaker_batch", {})
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -145,9 +146,9 @@ def main(argv: list[str] | None = None) -> int:
                                                          tag="quiet2")
                 out["steps"] = {k: step_figures(v) for k, v in steps.items()}
                 out["batch"] = {"statuses": batch.statuses, "request_s": batch.seconds,
-                                "lane_items_during_step": lane1.get("batch_items", 0) - lane0.get("batch_items", 0),
-                                "max_batch_queued": lane1.get("max_batch_queued"),
-                                "batch_queue_size": lane1.get("batch_queue_size")}
+                                "lane_items_during_step": lane1.get("items", 0) - lane0.get("items", 0),
+                                "max_batch_queued": lane1.get("max_queued"),
+                                "batch_queue_size": lane1.get("queue_size")}
             finally:
                 loadlib.stop_server(server)
     finally:
@@ -162,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:<12} {load.ms(r['p50_s']):>8} {load.ms(r['p95_s']):>8} {load.ms(r['p99_s']):>8} "
               f"{r['latency_samples']:>8}  {r['realtime']}")
     b = out["batch"]
-    print(f"batch answers {b['statuses']}, clips embedded in the batch lane during the step "
+    print(f"batch answers {b['statuses']}, clips embedded by the batch worker during the step "
           f"{b['lane_items_during_step']}, lane max queued {b['max_batch_queued']} of {b['batch_queue_size']}")
     print(f"p95 batch / p95 quiet (the lower quiet step) = {ratio:.2f} (target <= {TARGET_RATIO:.2f}: "
           f"{'met' if ratio <= TARGET_RATIO else 'NOT met'})")

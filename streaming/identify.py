@@ -5,6 +5,7 @@ counted as live saturation."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import numpy as np
@@ -19,8 +20,12 @@ from streaming.vad import VadBackend, VadParams, detect_regions
 class SegmentIdentifier:
     """Who speaks in each segment of a file. Shared (one per app), stateless between calls."""
 
-    def __init__(self, pool, vad_backend: VadBackend, vad_params: VadParams, rules: MatchRules) -> None:
+    def __init__(self, pool, vad_backend: VadBackend, vad_params: VadParams, rules: MatchRules,
+                 run_blocking: Callable[..., Awaitable[Any]] | None = None) -> None:
+        """`run_blocking(fn, *args)`: where the per-segment VAD runs (the app's low-priority `BatchThreads.run`);
+        default a thread of asyncio's executor."""
         self._pool = pool
+        self._run_blocking = run_blocking or asyncio.to_thread
         self._vad_backend = vad_backend
         self._vad_params = vad_params
         self.rules = rules
@@ -44,7 +49,7 @@ class SegmentIdentifier:
     async def identify(self, audio: np.ndarray, spans: list[tuple[float, float]],
                        index: ProfileIndex) -> list[dict[str, Any]]:
         """One `{is_user, person_id}` per span. Raises PoolSaturated when the pool's batch lane is full."""
-        windows = await asyncio.to_thread(self._windows, audio, spans)
+        windows = await self._run_blocking(self._windows, audio, spans)
         flat = [w for ws, _ in windows for w in ws]
         embeddings = await self._pool.embed_many(flat, BATCH) if flat and len(index) else None
         results, i = [], 0

@@ -168,8 +168,8 @@ def test_full_batch_lane_keeps_live_streams_admitted_and_answers_503(tmp_path, s
             busy = 0
             while busy < 5 and time.monotonic() < deadline and any(t.is_alive() for t in runners):
                 ready = http.get("/ready")
-                lane = ready.json()["pool"]["speaker"]
-                if lane["batch_queued"] > 0:
+                lane = ready.json()["pool"]["speaker_batch"]
+                if lane["queued"] > 0:
                     busy += 1
                     assert ready.status_code == 200 and not ready.json()["pool_saturated"], ready.text
                 time.sleep(0.05)
@@ -180,7 +180,7 @@ def test_full_batch_lane_keeps_live_streams_admitted_and_answers_503(tmp_path, s
                 t.join(300)
             statuses = sorted(r.status_code for r in answers)
             assert live["statuses"][-1] == "ready" and live["segments"] >= 1 and live["close"] == 1000, live
-            assert http.get("/ready").json()["pool"]["speaker"]["batch_items"] > 0
+            assert http.get("/ready").json()["pool"]["speaker_batch"]["items"] > 0
         assert set(statuses) <= {200, 503} and 503 in statuses, statuses
         for r in answers:
             if r.status_code == 503:

@@ -98,7 +98,8 @@ async def test_the_sweep_job_records_a_failed_close_and_retakes_it_after_the_lea
     now = time.time()
     bad = await spoken(store, "ana", now - 600, "Fails once, then completes.")
     settings = Settings(_env_file=None, data_dir=tmp_path, sweep_interval_s=3600, conversation_close_lease_s=0.5)
-    runner = JobRunner(settings, store, ConversationService(store, CountingSummarizer(fail_once={bad.id})))
+    runner = JobRunner(settings, store, ConversationService(store, CountingSummarizer(fail_once={bad.id}),
+                                                        close_lease_s=settings.conversation_close_lease_s))
     try:
         first = await runner.run_now("sweep")
         assert not first["ok"] and first["detail"] == f"closed 0; failed 1 ({bad.id})"

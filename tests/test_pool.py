@@ -13,10 +13,11 @@ threading.Event the batch function waits on) instead of sleeps.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import os
+import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -240,83 +241,6 @@ async def test_full_queue_raises_at_once_and_saturation_reports_it():
 # --- the batch lane ------------------------------------------------------------------------------------------------
 
 
-@contextlib.asynccontextmanager
-async def gated_laned_worker(max_batch=8, queue_size=8, batch_queue_size=8,
-                             batch_max_batch=2) -> AsyncIterator[tuple[Recorder, BatchingWorker]]:
-    """A worker with both lanes whose batch function waits on the recorder's gate (opened on the way out)."""
-    rec = Recorder(gated=True)
-    w = BatchingWorker("lanes", rec, max_batch=max_batch, max_wait_ms=0, queue_size=queue_size,
-                       batch_queue_size=batch_queue_size, batch_max_batch=batch_max_batch)
-    w.start()
-    try:
-        yield rec, w
-    finally:
-        rec.gate.set()
-        w.stop()
-
-
-async def test_batch_lane_is_served_after_live_work_in_small_separate_batches():
-    async with gated_laned_worker(max_batch=8, batch_max_batch=2) as (rec, w):
-        blocker = asyncio.create_task(w.submit("blocker"))
-        await asyncio.to_thread(rec.entered.wait, 5)
-        bulk = asyncio.create_task(w.submit_many([f"b{i}" for i in range(6)], lane=BATCH))
-        await wait_until(lambda: w.batch_queued == 6)
-        live = [asyncio.create_task(w.submit(f"l{i}")) for i in range(3)]
-        await wait_until(lambda: w.queued == 3)
-        rec.gate.set()
-        assert await bulk == [("done", f"b{i}") for i in range(6)]
-        assert await asyncio.gather(blocker, *live) == [("done", x) for x in ("blocker", "l0", "l1", "l2")]
-        # the live items queued after the bulk ones still go first; bulk ones never share a live batch
-        assert rec.batches == [["blocker"], ["l0", "l1", "l2"], ["b0", "b1"], ["b2", "b3"], ["b4", "b5"]]
-        assert w.stats()["batch_items"] == 6 and w.stats()["max_batch_queued"] == 6
-
-
-async def test_live_request_waits_behind_at_most_one_batch_lane_call():
-    async with gated_laned_worker(batch_queue_size=16, batch_max_batch=2) as (rec, w):
-        bulk = asyncio.create_task(w.submit_many([f"b{i}" for i in range(10)], lane=BATCH))
-        await asyncio.to_thread(rec.entered.wait, 5)  # [b0, b1] inside the model
-        live = asyncio.create_task(w.submit("live"))
-        await wait_until(lambda: w.queued == 1)
-        rec.gate.set()
-        assert await live == ("done", "live")
-        await bulk
-        assert rec.batches[:2] == [["b0", "b1"], ["live"]]
-
-
-async def test_full_batch_lane_refuses_bulk_work_only_and_is_not_live_saturation():
-    async with gated_laned_worker(max_batch=1, queue_size=4, batch_queue_size=4, batch_max_batch=1) as (rec, w):
-        in_flight = asyncio.create_task(w.submit("in-flight"))
-        await asyncio.to_thread(rec.entered.wait, 5)
-        bulk = asyncio.create_task(w.submit_many(["b0", "b1", "b2", "b3"], lane=BATCH))
-        await wait_until(lambda: w.batch_queued == 4)
-        assert w.saturation == 0.0 and w.stats()["batch_queued"] == 4  # bulk work is not live saturation
-        with pytest.raises(PoolSaturated, match="batch"):
-            await asyncio.wait_for(w.submit("b4", lane=BATCH), 1.0)  # at once
-        with pytest.raises(ValueError, match="batch queue holds"):
-            await w.submit_many(list(range(5)), lane=BATCH)
-        live = [asyncio.create_task(w.submit(f"l{i}")) for i in range(4)]  # the live lane is all there
-        await wait_until(lambda: w.queued == 4)
-        assert w.saturation == 1.0
-        rec.gate.set()
-        assert await asyncio.gather(in_flight, *live, bulk) == [
-            ("done", "in-flight"), *[("done", f"l{i}") for i in range(4)], [("done", f"b{i}") for i in range(4)]]
-
-
-async def test_stop_fails_both_lanes():
-    async with gated_laned_worker(max_batch=1) as (rec, w):
-        in_flight = asyncio.create_task(w.submit("in-flight"))
-        await asyncio.to_thread(rec.entered.wait, 5)
-        queued = [asyncio.create_task(w.submit("live")), asyncio.create_task(w.submit("bulk", lane=BATCH))]
-        await wait_until(lambda: w.queued == 1 and w.batch_queued == 1)
-        stopping = asyncio.create_task(asyncio.to_thread(w.stop, 5.0))
-        for t in queued:
-            with pytest.raises(PoolClosed):
-                await asyncio.wait_for(t, 2.0)
-        rec.gate.set()
-        await asyncio.wait_for(stopping, 5.0)
-        assert await in_flight == ("done", "in-flight")
-
-
 async def test_stop_fails_queued_requests_finishes_running_batch_and_joins():
     rec = Recorder(gated=True)
     w = make_worker(rec, max_batch=1, max_wait_ms=0)
@@ -457,8 +381,9 @@ async def test_model_pool_submits_more_clips_than_a_queue_holds_in_chunks(fake):
         np.testing.assert_allclose(await pool.embed_many(clips, BATCH), expected, atol=1e-6)
         np.testing.assert_allclose(await pool.embed_many(clips), expected, atol=1e-6)  # live lane too
         assert max(fake.batch_sizes) <= 2
-        st = pool.stats()["speaker"]
-        assert st["batch_items"] == 23 and st["max_batch_queued"] <= 3 and st["max_queued"] <= 5
+        st = pool.stats()
+        assert st["speaker_batch"]["items"] == 23 and st["speaker_batch"]["max_queued"] <= 3
+        assert st["speaker"]["items"] == 23 and st["speaker"]["max_queued"] <= 5
     finally:
         await pool.close()
 
@@ -472,7 +397,7 @@ async def test_full_batch_lane_leaves_the_pool_open_to_new_streams():
     clip = np.ones(200, np.float32)
     try:
         bulk = [asyncio.create_task(pool.embed_many([clip, clip], BATCH)) for _ in range(6)]  # 12 clips, room for 10
-        await wait_until(lambda: pool.stats()["speaker"]["batch_queued"] >= 9)
+        await wait_until(lambda: pool.stats()["speaker_batch"]["queued"] >= 9)
         outcomes = await asyncio.gather(*bulk[5:], return_exceptions=True)
         assert isinstance(outcomes[0], PoolSaturated)  # the sixth request found the lane full
         assert not pool.saturated and pool.saturation == 0.0
@@ -484,6 +409,48 @@ async def test_full_batch_lane_leaves_the_pool_open_to_new_streams():
     finally:
         embedder.gate.set()
         await pool.close()
+
+
+class BatchThreadGatedEmbedder(FakeEmbedder):
+    """Blocks in the model call only in the pool's batch worker thread; records each call's thread priority."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = threading.Event()
+        self.nice: dict[str, int] = {}
+
+    def embed_batch(self, clips: Sequence[np.ndarray]) -> np.ndarray:
+        name = threading.current_thread().name
+        self.nice[name] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        if name == "pool-speaker-batch":
+            self.gate.wait(10)
+        return super().embed_batch(clips)
+
+
+async def test_batch_work_runs_in_its_own_low_priority_thread_and_never_delays_live_work():
+    """Bulk clips go to the batch worker (its own thread, nice 19 on Linux): while one of its model calls is
+    stuck, live windows are still embedded at once, in the live worker at normal priority."""
+    embedder = BatchThreadGatedEmbedder()
+    pool = await ModelPool.create(pool_settings(pool_batch_queue_size=8, pool_batch_max_batch=1), embedder=embedder)
+    clip = np.ones(200, np.float32)
+    try:
+        bulk = asyncio.create_task(pool.embed_many([clip, clip, clip], BATCH))
+        await wait_until(lambda: "pool-speaker-batch" in embedder.nice)  # inside the model, stuck
+        live = await asyncio.wait_for(asyncio.gather(*(pool.embed(clip) for _ in range(5))), 5.0)
+        assert len(live) == 5 and not bulk.done()
+        assert pool.stats()["speaker_batch"]["queued"] >= 1 and pool.saturation == 0.0
+        embedder.gate.set()
+        assert (await asyncio.wait_for(bulk, 5.0)).shape == (3, 4)
+        assert embedder.nice["pool-speaker"] == os.getpriority(os.PRIO_PROCESS, 0)
+        if sys.platform == "linux":
+            assert embedder.nice["pool-speaker-batch"] == 19
+        with pytest.raises(ValueError, match="no lane"):
+            await pool.embed_many([clip], "bulk")
+    finally:
+        embedder.gate.set()
+        await pool.close()
+    with pytest.raises(PoolClosed):
+        await pool.embed_many([clip], BATCH)
 
 
 # --- ModelPool with the real resemblyzer embedder ---------------------------------------------------------------
