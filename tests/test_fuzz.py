@@ -10,8 +10,14 @@
    and the server log shows no unhandled exception. Random query strings and Authorization headers are refused
    with 1008 and an `error` event, or accepted (never a crash). `/health` is 200 afterwards. The Authenticator
    gets random Authorization headers and client hosts directly (a Caller or AuthError, nothing else).
-2b. `/v1/speaker-identification` gets random `segments` JSON (huge, infinite, NaN, negative, wrong types) over real
-   and broken audio, for a user with an enrolled voice and person: 200 with one answer per segment, or a 4xx.
+   Text frames include JSON nested to any depth (up to 200000), bare or inside a command.
+2b. `/v1/speaker-identification` gets random `segments` JSON (huge, infinite, NaN, negative, wrong types, nested to
+   any depth, lists of 1000-30000 segments around BATCH_MAX_SEGMENTS) over real and broken audio, for a user with an
+   enrolled voice and person: 200 with one answer per segment, or a 4xx.
+2c. Every route that takes a body gets bodies of any length (up to 3 MB, around the JSON limit), of any content
+   type, sent with an exact Content-Length, chunked, or under a Content-Length far over every limit with little
+   sent, with and without credentials: an answer always comes (never a wait for a body that is not coming), never
+   a 5xx, and a body over its route's limit is a 413.
 3. Schemathesis runs every operation of the server's own `/openapi.json` (generated and coverage cases) against
    the same process, with a working loopback Authorization header: no 5xx, responses conform to the schema. Upload
    fields get real audio (WAV/FLAC/OGG, odd rates), truncated or garbled files, absurd WAV headers, NaN samples.
@@ -24,10 +30,12 @@ caches land in `.hypothesis/`, which carries its own `.gitignore`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import io
 import json
 import os
+import socket
 import struct
 import uuid
 from urllib.parse import quote, urlencode
@@ -386,6 +394,16 @@ def json_values(max_leaves: int = 6):
     )
 
 
+def deep_json(max_depth: int = 200_000):
+    """JSON nested to any depth (past Python's recursion limit from about 1000), closed or not, bare or inside a
+    command: the parser must refuse it as a clear error, never a RecursionError escaping a handler."""
+    return st.builds(
+        lambda depth, opener, closed, wrap: wrap.replace("@", opener * depth + (("]" if opener == "[" else "}")
+                                                                                   * depth if closed else "")),
+        st.integers(1, max_depth), st.sampled_from(["[", '{"a":']), st.booleans(),
+        st.sampled_from(["@", '{"type": "speaker_assigned", "speaker_id": @}', '{"type": @}']))
+
+
 PERSON = "@PERSON@"  # replaced by the id of a person enrolled for fuzz-user: assignments that get through
 SPEAKER_ASSIGNED = st.fixed_dictionaries(
     {"type": st.just("speaker_assigned")},
@@ -411,6 +429,7 @@ TEXT_FRAMES = st.one_of(
     st.sampled_from([300_000, 1_500_000]).map(lambda n: "A" * n),  # huge strings
     st.sampled_from([100_000]).map(lambda n: json.dumps({"type": "speaker_assigned", "speaker_id": 1,
                                                          "person_id": "p" * n, "segment_ids": ["s" * 50] * 1000})),
+    deep_json(),
 )
 
 BINARY_FRAMES = st.one_of(
@@ -572,6 +591,14 @@ def segment_lists(numbers):
         lambda v: json.dumps(v, allow_nan=True))  # NaN / Infinity: JSON to Python's json.loads
 
 
+def huge_segment_lists():
+    """Thousands of segments, around BATCH_MAX_SEGMENTS (20000): past the file (cheap to answer, the work being
+    bounded anyway) or long enough that their total passes BATCH_MAX_SEGMENT_SECONDS (28800 s): 200 with one
+    answer each, or 422 before any decoding."""
+    return st.builds(lambda n, start, length: json.dumps([{"start": start, "end": start + length}] * n),
+                     st.integers(1000, 30_000), st.sampled_from([1e6, 20.0]), st.sampled_from([0.5, 2.0, 5.0]))
+
+
 SEGMENTS = st.one_of(
     segment_lists(TIMES),  # valid to the schema: 200
     segment_lists(TIMES | st.floats() | st.integers(-(2**70), 2**70)),  # some negative or NaN: 422
@@ -579,6 +606,8 @@ SEGMENTS = st.one_of(
     json_values().map(json.dumps),
     st.text(max_size=40),
     st.sampled_from(["[" * 100_000, '[{"start": 0, "end": ' + "[" * 50_000 + "]"]),  # past the recursion limit
+    deep_json(50_000),
+    huge_segment_lists(),
 )
 
 
@@ -598,6 +627,63 @@ def test_speaker_identification_segments(server_log_checked, fuzz_user, segments
         assert all(set(x) == {"is_user", "person_id"} for x in body)
     else:
         assert isinstance(r.json()["detail"], (str, list))
+
+
+BODY_ROUTES = [("POST", "/v1/vad"), ("POST", "/v1/speaker-identification"), ("POST", "/v1/people"),
+               ("POST", "/v1/users/people"), ("POST", "/v3/upload-audio"), ("POST", "/v1/speech-profile"),
+               ("POST", "/v1/people/nobody/samples"), ("POST", "/v1/conversations"),
+               ("PATCH", "/v1/conversations/nobody/segments/assign-bulk"), ("POST", "/v1/unknown")]
+BODY_TYPES = ["multipart/form-data; boundary=fuzzb", "application/json", "application/octet-stream", None]
+JSON_LIMIT = 1024 * 1024  # MAX_JSON_BODY_KB default
+BODY_LIMIT_DECLARED = 200 * 1024 * 1024  # over every route's limit (MAX_UPLOAD_MB 100 + 1 MB of form)
+
+
+def raw_exchange(port: int, method: str, path: str, headers: dict[str, str], body: bytes, framing: str) -> int:
+    """Sends one request over a raw socket and returns the status of the answer. `framing`: "exact"
+    (Content-Length of the body), "chunked", or "declared" (a Content-Length far over every limit, and only
+    `body` sent: the answer must come without the rest)."""
+    head = [f"{method} {path} HTTP/1.1", f"Host: 127.0.0.1:{port}", *(f"{k}: {v}" for k, v in headers.items())]
+    if framing == "chunked":
+        head.append("Transfer-Encoding: chunked")
+        piece = 256 * 1024
+        payload = b"".join(f"{len(body[i:i + piece]):x}\r\n".encode() + body[i:i + piece] + b"\r\n"
+                           for i in range(0, len(body), piece)) + b"0\r\n\r\n"
+    else:
+        head.append(f"Content-Length: {len(body) if framing == 'exact' else BODY_LIMIT_DECLARED}")
+        payload = body
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+        sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode())
+        with contextlib.suppress(OSError):  # the server may answer (and stop reading) before it all went
+            sock.sendall(payload)
+        data = b""
+        while b"\r\n" not in data:
+            chunk = sock.recv(4096)
+            if not chunk:
+                raise ConnectionError(f"closed without an answer: {data[:200]!r}")
+            data += chunk
+    return int(data.split()[1])
+
+
+@settings(FUZZ, max_examples=examples(40))
+@given(route=st.sampled_from(BODY_ROUTES), content_type=st.sampled_from(BODY_TYPES),
+       framing=st.sampled_from(["exact", "chunked", "declared"]), authorized=st.booleans(),
+       size=st.one_of(st.integers(0, 4096), st.integers(JSON_LIMIT - 4096, JSON_LIMIT + 4096),
+                      st.integers(0, 3 * JSON_LIMIT)),
+       filler=st.sampled_from([b"\x00", b"[", b"A", b"--fuzzb\r\n"]))
+def test_request_bodies_of_any_length(server_log_checked, route, content_type, framing, authorized, size, filler):
+    """Any route that takes a body, any framing (exact, chunked, a Content-Length far over the limits with little
+    sent), any length around the JSON limit, deeply nested or garbage: an answer always comes, never a 5xx; a
+    body over its route's limit is a 413 (or the route's refusal before reading it)."""
+    method, path = route
+    headers = {**(AUTH if authorized else {}), **({"Content-Type": content_type} if content_type else {})}
+    body = (filler * (size // len(filler) + 1))[:size]
+    status = raw_exchange(server_log_checked.port, method, path, headers, body, framing)
+    event(f"{framing}: {status}")
+    note(f"{method} {path} {content_type} {framing} {size} bytes of {filler!r} -> {status}")
+    assert status < 500
+    json_route = path in ("/v1/people", "/v1/users/people", "/v1/conversations") or path.endswith("assign-bulk")
+    if authorized and status not in (404, 405) and (framing == "declared" or (json_route and size > JSON_LIMIT)):
+        assert status == 413, status
 
 
 # ----------------------------------------------------------------------------------------------------------------------
