@@ -40,6 +40,7 @@ from batch_threads import batch_threads  # noqa: E402
 from config import Settings, get_settings  # noqa: E402
 from conversations import ConversationService  # noqa: E402
 from listen_session import serve_stream  # noqa: E402
+from route_errors import RouteErrors  # noqa: E402
 from storage import open_storage  # noqa: E402
 from streaming.identify import SegmentIdentifier  # noqa: E402
 from streaming.pool import ModelPool  # noqa: E402
@@ -97,6 +98,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(title="Omi unified audio server", version="0.1.0", lifespan=lifespan)
     app.add_middleware(UploadGuard)  # body limits and caller checks before a request's body is read
+    app.add_middleware(RouteErrors)  # outermost: a route's unexpected failure is a JSON 503 (storage down) or 500
     app.include_router(vad_routes.router)
     app.include_router(batch_routes.router)
     app.include_router(conversation_routes.router)

@@ -289,6 +289,32 @@ async def test_stream_opened_while_postgres_is_down_is_refused_then_works(
     assert "Traceback" not in server.log()
 
 
+def test_rest_routes_while_postgres_is_down_answer_503_with_retry_after(server: ServerProcess,
+                                                                        pg_restored: PgCluster) -> None:
+    """Every REST route reads or writes storage: while it is down they answer 503 with Retry-After and a JSON
+    detail (before: uvicorn's plain-text 500 and an "Exception in ASGI application" traceback), one ERROR line
+    each; once it is back they work again."""
+    postgres = pg_restored
+    uid = f"rest-{uuid.uuid4().hex[:8]}"
+    calls = [("GET", "/v1/conversations"), ("POST", "/v1/conversations"), ("GET", "/v1/people"),
+             ("POST", "/v1/users/people"), ("GET", "/v3/speech-profile")]
+    with httpx.Client(base_url=server.http, headers={"Authorization": f"Bearer {uid}"}, timeout=60) as http:
+        assert http.get("/v1/conversations").status_code == 200
+        start = len(server.log())
+        postgres.stop()
+        for method, path in calls:
+            r = http.request(method, path, json={"name": "Dana"} if path == "/v1/users/people" else None)
+            assert r.status_code == 503, (method, path, r.status_code, r.text)
+            assert r.json() == {"detail": "storage unavailable, retry shortly"} and int(r.headers["Retry-After"]) > 0
+        log = server.log()[start:]
+        assert "Exception in ASGI application" not in log
+        assert log.count(" ERROR server: ") >= len(calls)
+        postgres.start()
+        wait_ready(server)
+        assert http.get("/v1/conversations").status_code == 200
+        assert http.post("/v1/users/people", json={"name": "Dana"}).status_code == 200
+
+
 async def test_a_segment_is_sent_after_it_is_stored_and_while_down_kept_then_counted_lost(
         postgres: PgCluster, deepgram: ThreadedDeepgramTestServer, tmp_path: Path) -> None:
     """What the README says, exactly. While PostgreSQL answers, every version of a segment the client gets is
