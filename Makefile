@@ -5,6 +5,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8080
+# The largest WebSocket message uvicorn takes (a larger one closes the stream, 1009) before the app sees it: audio
+# frames are at most MAX_FRAME_BYTES (64 KiB) and commands 256 KiB; uvicorn's own default is 16 MiB per message.
+WS_MAX_SIZE ?= 1048576
 export PYANNOTE_METRICS_ENABLED := false
 
 .PHONY: run test lint bench bench-vad clean
@@ -16,7 +19,7 @@ $(STAMP): requirements.txt requirements-dev.txt
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/uvicorn server:app --host $(HOST) --port $(PORT)
+	$(VENV)/bin/uvicorn server:app --host $(HOST) --port $(PORT) --ws-max-size $(WS_MAX_SIZE)
 
 test: lint
 	$(VENV)/bin/pytest -q

@@ -57,12 +57,14 @@ async def handle_text(ctx: CommandContext, text: str) -> None:
         kind = command.get("type") if isinstance(command, dict) else None
     except (ValueError, RecursionError):  # RecursionError: JSON nested deeper than Python's recursion limit
         command, kind = None, None
+    if not isinstance(kind, str):  # {"type": [...]}: no command (a list is not even hashable)
+        kind = None
     if kind == "speaker_assigned":
         await assign_speaker(ctx, command)
     elif kind in IGNORED_COMMANDS:
         log.debug("ignoring %s (not served here)", kind)
     else:
-        log.warning("ignoring text frame of %d chars (type=%r)", len(text), kind if isinstance(kind, str) else None)
+        log.warning("ignoring text frame of %d chars (type=%r)", len(text), kind)
 
 
 async def assign_speaker(ctx: CommandContext, command: dict[str, Any]) -> None:

@@ -116,6 +116,9 @@ class CloseCode:
     #                    stream's audio was finished and stored)
     POLICY = 1008  # auth, bad parameters; a slow client ("slow_client": it did not read its messages, see
     #                server._Client; its transcript is stored, re-read it from /v1/conversations)
-    SERVER_ERROR = 1011
-    TRY_AGAIN_LATER = 1013  # server full ("server_full"); storage down; a new stream while the server shuts down
-    #                         ("shutting_down": reconnect, the load balancer sends it elsewhere)
+    MESSAGE_TOO_BIG = 1009  # a frame over uvicorn's --ws-max-size (1 MiB as `make run` and the image start it):
+    #                         closed by the WebSocket library before the frame reaches the app, no error event
+    SERVER_ERROR = 1011  # STT gave up ("stt_unavailable"); any other failure of the stream ("internal_error")
+    TRY_AGAIN_LATER = 1013  # server full ("server_full", also the model pool's queue full mid-stream); storage down
+    #                         ("storage_unavailable"); the models stopped ("server_unavailable"); a new stream while
+    #                         the server shuts down ("shutting_down": reconnect, the load balancer sends it elsewhere)

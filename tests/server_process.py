@@ -21,6 +21,7 @@ from pathlib import Path
 import httpx
 
 REPO = Path(__file__).resolve().parents[1]
+WS_MAX_SIZE = 1024 * 1024  # as `make run` and the image start uvicorn
 SCRUBBED_ENV_PREFIXES = ("DEEPGRAM", "ADMIN_KEY", "STT_", "VAD_", "FIREBASE", "MAX_")
 
 
@@ -67,7 +68,7 @@ def start_server(workdir: Path, env: dict[str, str] | None = None, *, cwd: Path 
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "server:app", "--app-dir", str(Path(cwd).resolve()),
-             "--host", "127.0.0.1", "--port", str(port), *extra_args],
+             "--host", "127.0.0.1", "--port", str(port), "--ws-max-size", str(WS_MAX_SIZE), *extra_args],
             cwd=workdir, env=full_env, stdout=log, stderr=subprocess.STDOUT,
         )
     server = ServerProcess(port, proc, log_path)

@@ -426,7 +426,9 @@ TEXT_FRAMES = st.one_of(
     json_values().map(json.dumps),
     st.fixed_dictionaries({"type": st.text(max_size=30)}, optional={"x": json_values()}).map(json.dumps),
     SPEAKER_ASSIGNED,
-    st.sampled_from([300_000, 1_500_000]).map(lambda n: "A" * n),  # huge strings
+    # huge strings, past the 256 KiB a command may have, under uvicorn's --ws-max-size (1 MiB; past it the library
+    # closes with 1009 before the app sees the frame: tests/test_limits.py)
+    st.sampled_from([300_000, 1_000_000]).map(lambda n: "A" * n),
     st.sampled_from([100_000]).map(lambda n: json.dumps({"type": "speaker_assigned", "speaker_id": 1,
                                                          "person_id": "p" * n, "segment_ids": ["s" * 50] * 1000})),
     deep_json(),

@@ -310,12 +310,15 @@ async def test_two_channels_mic_and_remote(app_server, deepgram):
 
 
 async def test_hostile_text_frames_are_ignored(app_server):
-    """JSON nested past Python's recursion limit and a 1 MB text frame: ignored like any unknown text, the stream
-    goes on (before, the nesting raised RecursionError out of the stream's handler)."""
+    """JSON nested past Python's recursion limit, a 1 MB text frame and a `type` that is no string: ignored like any
+    unknown text, the stream goes on (before, the nesting raised RecursionError out of the stream's handler, and a
+    list as `type` a TypeError, found by tests/test_fuzz.py)."""
     app = await open_app(app_server, f"text-{uuid.uuid4().hex[:8]}", codec="pcm16")
     try:
         assert await app.wait_for(lambda s: any(e.get("status") == "ready" for e in s.events), 30)
         await app.ws.send("[" * 100_000)
+        await app.ws.send('{"type": ["speaker_assigned"]}')
+        await app.ws.send('{"type": {"speaker_assigned": 1}}')
         await app.ws.send('{"type": "image_chunk", "data": "' + "A" * 1_000_000 + '"}')
         await app.send_audio(phone_frames(np.concatenate([read_wav(SAMPLE_WAV)[6 * SR : 12 * SR],
                                                           np.zeros(SR, np.float32)])))
