@@ -77,7 +77,8 @@ USER_ROUTES = {
     ("GET", "/v4/speech-profile/audio"),
 }
 ADMIN_ROUTES = {("GET", "/v1/jobs")}
-PUBLIC_ROUTES = {("POST", "/v1/vad"), ("GET", "/health"), ("GET", "/ready"), ("GET", "/metrics")}  # no user data
+PUBLIC_ROUTES = {("GET", "/health"), ("GET", "/ready"), ("GET", "/metrics")}  # no credentials, no user data
+CALLER_ROUTES = {("POST", "/v1/vad")}  # any verified caller (a user, the admin key, the internal caller); no user data
 
 
 # --- credentials ---------------------------------------------------------------------------------------------------
@@ -216,7 +217,8 @@ def assert_b_unchanged(server, world) -> None:
 def test_every_route_is_classified(server):
     paths = httpx.get(f"{server.http}/openapi.json").json()["paths"]
     served = {(method.upper(), path) for path, ops in paths.items() for method in ops}
-    assert served == USER_ROUTES | ADMIN_ROUTES | PUBLIC_ROUTES, served ^ (USER_ROUTES | ADMIN_ROUTES | PUBLIC_ROUTES)
+    known = USER_ROUTES | ADMIN_ROUTES | PUBLIC_ROUTES | CALLER_ROUTES
+    assert served == known, served ^ known
 
 
 def _call(http: httpx.Client, method: str, path: str, voice: bytes, ids: dict) -> httpx.Response:
@@ -232,7 +234,7 @@ def _call(http: httpx.Client, method: str, path: str, voice: bytes, ids: dict) -
 
 @pytest.mark.parametrize("credential", ["none", "bare-uid", "other-project", "admin-lookalike", "empty-bearer"])
 def test_user_routes_refuse_missing_or_unverified_credentials(server, world, voices, credential):
-    """401 with a JSON detail on every user-data route, B's ids in the path; nothing changes."""
+    """401 with a JSON detail on every user-data route (B's ids in the path) and on `/v1/vad`; nothing changes."""
     headers = {
         "none": {},
         "bare-uid": {"Authorization": f"Bearer {B}"},  # the loopback dev mode's form: not a verified credential
@@ -241,7 +243,7 @@ def test_user_routes_refuse_missing_or_unverified_credentials(server, world, voi
         "empty-bearer": {"Authorization": "Bearer"},
     }[credential]
     with client(server, headers=headers) as http:
-        for method, path in sorted(USER_ROUTES):
+        for method, path in sorted(USER_ROUTES | CALLER_ROUTES):
             r = _call(http, method, path, voices["speaker90"], world)
             assert r.status_code == 401, (method, path, r.status_code, r.text)
             assert isinstance(r.json()["detail"], str)
@@ -424,15 +426,18 @@ def test_a_cannot_read_list_or_delete_b_conversations(conversations):
 
 
 def test_public_routes_hold_no_user_data(server, world):
-    """The routes that need no credentials (health, readiness, metrics, VAD) show nothing of anyone's data."""
+    """The routes that need no credentials (health, readiness, metrics) show nothing of anyone's data; `/v1/vad`
+    needs a caller (401 without) and answers one with speech regions only."""
     secrets = [B, A, world["carol"], world["dave"], world["conversation"], world["snapshot"]["profile"]["id"]]
     for path in ("/health", "/ready", "/metrics"):
         r = httpx.get(f"{server.http}{path}")
         assert r.status_code == 200, (path, r.text)
         assert not [s for s in secrets if s in r.text], (path, r.text)
-    r = httpx.post(f"{server.http}/v1/vad", files={"file": ("a.wav", wav_bytes(read_wav(SAMPLE_WAV)[: 8 * SR]),
-                                                            "audio/wav")}, timeout=60)
-    assert r.status_code == 200 and not [s for s in secrets if s in r.text], r.text
+    upload = {"file": ("a.wav", wav_bytes(read_wav(SAMPLE_WAV)[: 8 * SR]), "audio/wav")}
+    assert httpx.post(f"{server.http}/v1/vad", files=upload, timeout=60).status_code == 401
+    with client(server, D) as d:
+        r = d.post("/v1/vad", files=upload)
+    assert r.status_code == 200 and r.json() and not [s for s in secrets if s in r.text], r.text
 
 
 # --- admin only -------------------------------------------------------------------------------------------------------

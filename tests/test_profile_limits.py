@@ -83,6 +83,21 @@ async def test_rows_are_capped_keeping_the_newest(store: Storage) -> None:
     assert {r.tobytes() for r in got} <= {r.tobytes() for r in many}
 
 
+async def test_an_offer_larger_than_the_cap_repeated_adds_nothing(store: Storage) -> None:
+    """A cluster with more windows than the cap, assigned again and again: thinned the same way each time, its rows
+    are all kept already (before, the rows thinned away last time counted as new: the profile churned and its
+    seconds grew with every repeat)."""
+    p = await empty_person(store)
+    cluster = unit_vectors(3 * CAP, seed=30)
+    await store.add_profile_embeddings("u", p.id, cluster, 30.0)
+    first = await store.get_profile("u", p.id)
+    for _ in range(5):
+        await store.add_profile_embeddings("u", p.id, cluster, 30.0)
+    again = await store.get_profile("u", p.id)
+    assert again.embeddings.tobytes() == first.embeddings.tobytes() and len(first.embeddings) == CAP
+    assert again.speech_seconds == pytest.approx(first.speech_seconds)
+
+
 async def test_save_profile_keeps_at_most_the_cap(store: Storage) -> None:
     rows = unit_vectors(100, seed=5)
     p = SpeakerProfile(uid="u", kind="user", model="m", embeddings=rows)
@@ -153,7 +168,8 @@ async def test_repeated_speaker_assigned_keeps_at_most_the_cap(limits_server):
                     segments.update({s["id"]: s for s in payload})
 
         reader = asyncio.create_task(read())
-        for frame in pcm16_frames(read_wav(SAMPLE_WAV)[: 20 * 16000]):
+        # 20 s of speech, then silence that closes its last region (the local STT answers a region when it ends)
+        for frame in pcm16_frames(np.concatenate([read_wav(SAMPLE_WAV)[: 20 * 16000], np.zeros(2 * 16000, "f4")])):
             await ws.send(frame)
         for _ in range(300):
             if any(s["end"] > 12 for s in segments.values()):

@@ -184,7 +184,7 @@ async def stream_end_was_stored(app: Any, uid: str, caplog: pytest.LogCaptureFix
     stream_s = float(closed.rsplit(" of ", 1)[1].rstrip("s"))
     storage = app.state.storage
     [conversation] = await storage.list_conversations(uid)
-    assert stream_s > 1.0 and conversation.duration_s == pytest.approx(stream_s, abs=0.05)
+    assert stream_s > 0.5 and conversation.duration_s == pytest.approx(stream_s, abs=0.05)  # some audio went in
     assert await storage.load_speaker_state(uid, conversation.id) is not None
 
 
@@ -193,7 +193,7 @@ SPEECH_THEN_SILENCE = pcm16_frames(np.concatenate([read_wav(SAMPLE_WAV)[6 * 1600
 
 
 async def test_an_unexpected_pipeline_error_closes_1011_and_the_stream_still_ends(tmp_path, caplog):
-    """The VAD model raises mid-stream (its batch call fails on the 40th call; in process: no real fault makes the
+    """The VAD model raises mid-stream (its batch call fails on the 80th call; in process: no real fault makes the
     VAD fail in a server process). The stream ends with an `error` event `internal_error` (no details) and close
     1011, the server logs one ERROR line with the traceback, and the stream's end is stored as on any end. Before,
     the error escaped the receive loop (logged twice with tracebacks) and the stream closed 1000."""
@@ -205,7 +205,7 @@ async def test_an_unexpected_pipeline_error_closes_1011_and_the_stream_still_end
 
         def failing(*args: Any) -> Any:
             calls.append(1)
-            if len(calls) >= 40:
+            if len(calls) >= 80:  # a call may score less than a frame step of this stream: no fixed time
                 raise RuntimeError("the VAD model failed")
             return real(*args)
 
