@@ -69,9 +69,9 @@ def to_int16(audio: np.ndarray) -> np.ndarray:
 def encode_opus(audio: np.ndarray) -> list[bytes]:
     """Raw Opus packets, one per 20 ms frame, 16 kHz mono 32 kb/s: the tests' encoder (`tests/audio_tools.py`,
     PyAV's libopus), as Omi's firmware sends them (`codec=opus`, one packet per WebSocket frame)."""
-    tests = str(REPO / "tests")
-    if tests not in sys.path:
-        sys.path.insert(0, tests)
+    for path in (str(REPO), str(REPO / "tests")):  # audio_tools imports the app's streaming.device_codecs
+        if path not in sys.path:
+            sys.path.insert(0, path)
     from audio_tools import encode_opus as encode
 
     return encode(audio, RATE, bitrate=32000, frame_ms=20)
