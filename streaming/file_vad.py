@@ -15,13 +15,13 @@ import numpy as np
 from streaming.audiofile import AudioSource, iter_audio_chunks
 from streaming.vad import (
     SAMPLE_RATE,
-    SpeechEnd,
-    SpeechStart,
     StreamingVAD,
     VadBackend,
     VadEvent,
     VadParams,
     detect_regions,
+    merged_regions,
+    paired_regions,
 )
 
 CHUNK_S = 30.0  # seconds decoded and scored at a time: ~2 MB of audio plus the model's input
@@ -43,28 +43,8 @@ def chunked_regions(backend: VadBackend, chunks: Iterable[np.ndarray], params: V
     """`vad.detect_regions` of the signal the pieces make up, holding one piece at a time: the same VAD events
     (its state goes on from piece to piece), then the same filtering and merging."""
     vad = StreamingVAD(backend, params)
-    bounds: list[tuple[int, int]] = []
-    start: int | None = None
-    for ev in _events(vad, chunks):
-        if isinstance(ev, SpeechStart):
-            start = ev.sample
-        elif isinstance(ev, SpeechEnd) and start is not None:
-            bounds.append((start, ev.sample))
-            start = None
-    length = vad.position  # the flush's padding may end a region past the signal
-    bounds = [(s, min(e, length)) for s, e in bounds]
-    # As detect_regions: drop regions shorter than min_speech_ms plus their padding, join touching ones.
-    pad = int((params.pre_roll_ms + params.hangover_ms) * SAMPLE_RATE / 1000)
-    min_len = int(params.min_speech_ms * SAMPLE_RATE / 1000) + pad
-    merged: list[tuple[int, int]] = []
-    for s, e in bounds:
-        if e - s < min_len:
-            continue
-        if merged and s <= merged[-1][1]:
-            merged[-1] = (merged[-1][0], e)
-        else:
-            merged.append((s, e))
-    return merged
+    regions = paired_regions(_events(vad, chunks))
+    return merged_regions(regions, vad.position, params)  # the position once every piece went through
 
 
 def _events(vad: StreamingVAD, chunks: Iterable[np.ndarray]) -> Iterator[VadEvent]:

@@ -19,7 +19,7 @@ import logging
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -556,19 +556,30 @@ def detect_regions(
     the last one ended, or a region cut at `max_speech_s`) are merged.
     """
     vad = StreamingVAD(backend, params)
-    events = vad.process(audio) + vad.flush()
+    return merged_regions(paired_regions(vad.process(audio) + vad.flush()), len(audio), params)
+
+
+def paired_regions(events: Iterable[VadEvent]) -> list[tuple[int, int]]:
+    """(start, end) sample pairs of a VAD's SpeechStart/SpeechEnd events, in order."""
     regions: list[tuple[int, int]] = []
     start = None
     for ev in events:
         if isinstance(ev, SpeechStart):
             start = ev.sample
         elif isinstance(ev, SpeechEnd) and start is not None:
-            regions.append((start, min(ev.sample, len(audio))))
+            regions.append((start, ev.sample))
             start = None
+    return regions
+
+
+def merged_regions(regions: list[tuple[int, int]], length: int, params: VadParams) -> list[tuple[int, int]]:
+    """Batch mode's regions: ends clipped to the signal's `length` (the flush's padding may pass it), regions shorter
+    than `min_speech_ms` plus their padding dropped, touching ones joined."""
     pad = int((params.pre_roll_ms + params.hangover_ms) * SAMPLE_RATE / 1000)
     min_len = int(params.min_speech_ms * SAMPLE_RATE / 1000) + pad
     merged: list[tuple[int, int]] = []
     for s, e in regions:
+        e = min(e, length)
         if e - s < min_len:
             continue
         if merged and s <= merged[-1][1]:  # touching: speech resumed right at the end of the hangover
