@@ -118,12 +118,16 @@ async def test_oversized_frames_are_refused_and_the_stream_goes_on(server):
 async def test_a_message_over_the_ws_max_size_closes_1009_before_it_is_buffered(server):
     """uvicorn runs with --ws-max-size 1 MiB (as `make run` and the image start it): a frame past it closes the
     stream with 1009 (its default of 16 MiB would buffer it whole first); one under it but over MAX_FRAME_BYTES is
-    the app's `frame_too_large` and the stream goes on. The server serves the next stream."""
+    the app's `frame_too_large` and the stream goes on. The server serves the next stream. Each stream starts once
+    the earlier ones are finished (MAX_STREAMS=2: a stream still finishing made the next one `server_full`)."""
+    await no_streams(server)
     under = await stream_frames(server.ws + URL, [bytes(900 * 1024), "x" * (900 * 1024)],
                                 until=lambda r: len(r.errors()) >= 1, timeout_s=30)
     assert [e["code"] for e in under.errors()] == ["frame_too_large"] and under.close_code == 1000
     for frame in (bytes(2 * 1024 * 1024), "x" * (2 * 1024 * 1024)):
+        await no_streams(server)
         over = await stream_frames(server.ws + URL, [frame], close=False, timeout_s=30)
         assert over.close_code == 1009, (over.close_code, over.close_reason)
+    await no_streams(server)
     after = await stream_frames(server.ws + URL, silence_frames(0.2), until=lambda r: "ready" in r.statuses())
     assert "ready" in after.statuses()
