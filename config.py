@@ -137,6 +137,21 @@ class Settings(BaseSettings):
     http_put_timeout: float = 300.0  # outgoing uploads (webhooks with audio); Omi's HTTP_PUT_TIMEOUT
     log_level: str = "INFO"
 
+    # --- developer webhooks (Omi's pusher, folded in: webhooks/) ---
+    webhook_allow_private: bool = False  # let users point webhooks at private, loopback and link-local addresses
+    webhook_max_concurrent: int = Field(default=64, ge=1)  # requests in flight to all receivers together
+    webhook_queue_max: int = Field(default=32, ge=1)  # deliveries waiting per user and webhook type; beyond: dropped
+    webhook_queue_max_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)  # bytes waiting per user and type
+    webhook_max_attempts: int = Field(default=3, ge=1)  # tries of one delivery (network errors, 5xx, 429)
+    webhook_backoff_s: float = Field(default=0.5, gt=0)  # first retry waits about this long (doubling, jittered)
+    webhook_backoff_max_s: float = Field(default=10.0, gt=0)
+    webhook_breaker_failures: int = Field(default=5, ge=1)  # failed deliveries in a row that open a URL's breaker
+    webhook_breaker_open_s: float = Field(default=30.0, gt=0)  # an open breaker drops deliveries this long
+    webhook_realtime_interval_s: float = Field(default=1.0, ge=0)  # at most one transcript request per user per this
+    webhook_audio_default_s: int = Field(default=5, ge=1)  # audio_bytes interval when the URL has none (Omi: 5)
+    webhook_audio_max_s: int = Field(default=60, ge=1)  # the longest audio_bytes interval a user may set
+    webhook_settings_cache_s: float = Field(default=5.0, ge=0)  # a user's webhook settings are re-read this often
+
     # --- scheduled jobs ---
     jobs_enabled: bool = True  # run the scheduler in this process (leases in storage keep each run once per tick)
     job_lease_s: float = Field(default=300.0, gt=0)  # a run unfinished this long may be taken over (crashed replica)

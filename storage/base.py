@@ -21,6 +21,7 @@ import numpy as np
 from storage.profile_rows import ProfileLimits, profile_centroid
 
 ProfileKind = Literal["user", "person"]
+USER_SETTING_KEY_MAX = 64  # user-setting keys are fixed names chosen by the server (e.g. "webhook.audio_bytes")
 ConversationStatus = Literal["in_progress", "processing", "completed", "discarded"]
 CONVERSATION_STATUSES: frozenset[str] = frozenset(get_args(ConversationStatus))
 
@@ -145,6 +146,18 @@ class Storage(ABC):
 
     @abstractmethod
     async def list_users(self) -> list[User]: ...
+
+    # -- user settings: small JSON documents by key (developer webhooks, the webhook signing secret, notification
+    # preferences); each key is written whole, so two routes writing different keys never undo each other ------
+
+    @abstractmethod
+    async def get_user_settings(self, uid: str) -> dict[str, dict]:
+        """Every setting of the user: {key: value}; {} when none."""
+
+    @abstractmethod
+    async def set_user_setting(self, uid: str, key: str, value: dict | None) -> None:
+        """Store `value` (a JSON object) under `key`, replacing what was there; None deletes the key. Keys are
+        at most USER_SETTING_KEY_MAX characters of [a-z0-9_.:-] (ValueError otherwise)."""
 
     # -- conversations -------------------------------------------------------------------------------------------
 
