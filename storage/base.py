@@ -9,6 +9,8 @@ the embedder (`model`) that made them; matching ignores profiles made by another
 
 from __future__ import annotations
 
+import json
+import re
 import time
 import uuid
 from abc import ABC, abstractmethod
@@ -22,6 +24,11 @@ from storage.profile_rows import ProfileLimits, profile_centroid
 
 ProfileKind = Literal["user", "person"]
 USER_SETTING_KEY_MAX = 64  # user-setting keys are fixed names chosen by the server (e.g. "webhook.audio_bytes")
+USER_SETTING_VALUE_MAX = 64 * 1024  # bytes of a setting's JSON text: settings are small (a URL, a secret, flags)
+# A key also names a Firestore document, so it starts with a letter or digit ("." and "__x__" are not document ids).
+_SETTING_KEY = re.compile(rf"[a-z0-9][a-z0-9_.:-]{{0,{USER_SETTING_KEY_MAX - 1}}}")
+_SETTING_DEPTH_MAX = 16  # nested objects and arrays in one value (Firestore allows 20 levels in a document)
+_INT64 = range(-(2**63), 2**63)  # Firestore's integers
 ConversationStatus = Literal["in_progress", "processing", "completed", "discarded"]
 CONVERSATION_STATUSES: frozenset[str] = frozenset(get_args(ConversationStatus))
 
@@ -282,3 +289,54 @@ def status_filter(status: str | None, statuses: Collection[str] | None, include_
     if not include_discarded:
         allowed = (set(CONVERSATION_STATUSES) if allowed is None else allowed) - {"discarded"}
     return allowed
+
+
+def check_setting_key(key: object) -> str:
+    """The key if it is a user-setting key (see `Storage.set_user_setting`), else ValueError."""
+    if not isinstance(key, str) or not _SETTING_KEY.fullmatch(key):
+        shown = repr(key[:USER_SETTING_KEY_MAX + 1]) if isinstance(key, str) else type(key).__name__
+        raise ValueError(f"a user-setting key is 1 to {USER_SETTING_KEY_MAX} characters of [a-z0-9_.:-], starting "
+                         f"with a letter or digit; got {shown}")
+    return key
+
+
+def check_setting_value(value: object) -> str:
+    """A user-setting value's compact JSON text, after checking that every backend stores it as given: a dict of
+    str keys and JSON values (str, finite float, 64-bit int, bool, None, list, dict), no NUL character (PostgreSQL
+    jsonb refuses it), no array directly inside an array (Firestore refuses it), at most `_SETTING_DEPTH_MAX` levels
+    and `USER_SETTING_VALUE_MAX` bytes. ValueError otherwise; the message never shows the value (it may be a
+    secret)."""
+    if not isinstance(value, dict):
+        raise ValueError(f"a user-setting value is a JSON object (a dict), not {type(value).__name__}")
+    pending: list[tuple[object, int, bool]] = [(value, 1, False)]  # (node, depth, directly inside an array)
+    while pending:  # iterative: a deeply nested value gets a ValueError, not a RecursionError
+        node, depth, in_array = pending.pop()
+        if isinstance(node, dict | list) and depth > _SETTING_DEPTH_MAX:
+            raise ValueError(f"a user-setting value nests more than {_SETTING_DEPTH_MAX} levels")
+        if isinstance(node, dict):
+            if not all(isinstance(k, str) for k in node):
+                raise ValueError("a user-setting value's object keys must be strings")
+            pending += [(k, depth, False) for k in node] + [(v, depth + 1, False) for v in node.values()]
+        elif isinstance(node, list):
+            if in_array:
+                raise ValueError("a user-setting value cannot hold an array directly inside an array")
+            pending += [(v, depth + 1, True) for v in node]
+        elif isinstance(node, str):
+            if "\x00" in node:
+                raise ValueError("a user-setting value cannot hold a NUL character")
+        elif isinstance(node, bool) or node is None:
+            pass
+        elif isinstance(node, int):
+            if node not in _INT64:
+                raise ValueError("a user-setting value's integers must fit in 64 bits")
+        elif not isinstance(node, float):
+            raise ValueError(f"a user-setting value cannot hold a {type(node).__name__} (JSON types only)")
+    try:
+        text = json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+        size = len(text.encode("utf-8"))
+    except ValueError:  # NaN or infinity; a lone surrogate (UnicodeEncodeError)
+        raise ValueError("a user-setting value holds a non-finite float or a string that is not valid Unicode") \
+            from None
+    if size > USER_SETTING_VALUE_MAX:
+        raise ValueError(f"a user-setting value is at most {USER_SETTING_VALUE_MAX} bytes of JSON, got {size}")
+    return text

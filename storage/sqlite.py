@@ -16,6 +16,7 @@ import numpy as np
 
 from storage.base import Conversation, ConversationStatus, Segment, SpeakerProfile, Storage, User, status_filter
 from storage.profile_rows import added_seconds, merge_profile_embeddings, profile_centroid
+from storage.user_settings import checked_setting, sqlite_set_setting, sqlite_settings
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS speaker_profiles (
@@ -92,6 +93,13 @@ CREATE TABLE IF NOT EXISTS job_runs (
     ok INTEGER,
     detail TEXT,
     PRIMARY KEY (job, run_key)
+);
+CREATE TABLE IF NOT EXISTS user_settings (
+    uid TEXT NOT NULL,
+    key TEXT NOT NULL,
+    value TEXT NOT NULL,  -- a JSON object
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (uid, key)
 );
 """
 
@@ -254,6 +262,13 @@ class SqliteStorage(Storage):
 
     async def list_users(self) -> list[User]:
         return [User(*r) for r in await self._run(self._read, "SELECT * FROM users ORDER BY uid", ())]
+
+    async def get_user_settings(self, uid: str) -> dict[str, dict]:
+        return await self._run(sqlite_settings, self._db, uid)
+
+    async def set_user_setting(self, uid: str, key: str, value: dict | None) -> None:
+        key, value_json = checked_setting(key, value)
+        await self._run(sqlite_set_setting, self._db, uid, key, value_json)
 
     # -- conversations -------------------------------------------------------------------------------------------
 

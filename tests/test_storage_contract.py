@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import time
@@ -21,7 +22,15 @@ import asyncpg
 import numpy as np
 import pytest
 
-from storage.base import Conversation, Segment, SpeakerProfile, Storage, User
+from storage.base import (
+    USER_SETTING_KEY_MAX,
+    USER_SETTING_VALUE_MAX,
+    Conversation,
+    Segment,
+    SpeakerProfile,
+    Storage,
+    User,
+)
 
 BACKENDS = ["sqlite", "postgres", "firestore"]
 PG_DSN = os.environ.get("TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
@@ -274,6 +283,112 @@ async def test_users_save_get_list(store: Storage) -> None:
     await store.save_user(b)
     assert await store.get_user("b") == b
     assert len(await store.list_users()) == 2
+
+
+# -- user settings -----------------------------------------------------------------------------------------------------
+
+SETTING = {"url": "https://example.org/hook?a=1&b=\u00e9", "secret": "s3cr\u20act-\U0001f511", "enabled": True,
+           "paused": False, "note": None, "count": 3, "whole": 1.0, "ratio": 0.1, "tiny": 1e-7, "huge": 1.5e300,
+           "max": 2**63 - 1, "min": -(2**63), "\u043a\u043b\u044e\u0447": "\u65e5\u672c\u8a9e",
+           "nested": {"list": [1, "two", {"three": [3.5, None, False]}], "empty": {}, "none": [], "flags": [True]}}
+
+
+def typed(value: object) -> str:
+    """The value as JSON with sorted keys: unlike ==, tells True from 1 and 1.0 from 1."""
+    return json.dumps(value, sort_keys=True)
+
+
+async def test_user_setting_round_trips_exactly(store: Storage) -> None:
+    assert await store.get_user_settings("a") == {}
+    deepest: dict = {"leaf": "bottom"}
+    for _ in range(15):  # 16 levels of objects, the most a value may nest
+        deepest = {"down": deepest}
+    longest_key = "k" * USER_SETTING_KEY_MAX
+    await store.set_user_setting("a", "webhook.audio_bytes", SETTING)
+    await store.set_user_setting("a", longest_key, deepest)
+    got = await store.get_user_settings("a")
+    assert got == {"webhook.audio_bytes": SETTING, longest_key: deepest}
+    assert typed(got["webhook.audio_bytes"]) == typed(SETTING) and typed(got[longest_key]) == typed(deepest)
+    got["webhook.audio_bytes"]["enabled"] = False  # a copy: changing it stores nothing
+    assert (await store.get_user_settings("a"))["webhook.audio_bytes"]["enabled"] is True
+
+
+async def test_user_setting_set_replaces_and_none_deletes(store: Storage) -> None:
+    await store.set_user_setting("a", "notifications", {"daily": True, "hour": 8})
+    await store.set_user_setting("a", "notifications", {"weekly": False})  # replaced whole, never merged
+    assert await store.get_user_settings("a") == {"notifications": {"weekly": False}}
+    await store.set_user_setting("a", "notifications", {})
+    assert await store.get_user_settings("a") == {"notifications": {}}  # an empty object is a value, not a delete
+
+    await store.set_user_setting("a", "notifications", None)
+    assert await store.get_user_settings("a") == {}
+    await store.set_user_setting("a", "notifications", None)  # deleting a missing key is fine
+    await store.set_user_setting("nobody", "webhook.signing", None)
+    assert await store.get_user_settings("a") == {} and await store.get_user_settings("nobody") == {}
+    await store.set_user_setting("a", "notifications", {"daily": False})  # and it can be set again
+    assert await store.get_user_settings("a") == {"notifications": {"daily": False}}
+
+
+async def test_user_setting_keys_are_independent(store: Storage) -> None:
+    await store.set_user_setting("a", "webhook.audio_bytes", {"url": "https://a.example/audio", "every_s": 5})
+    await store.set_user_setting("a", "webhook.signing", {"secret": "whsec_1"})
+    await store.set_user_setting("a", "webhook.audio_bytes", {"url": "https://a.example/v2"})
+    assert await store.get_user_settings("a") == {"webhook.audio_bytes": {"url": "https://a.example/v2"},
+                                                  "webhook.signing": {"secret": "whsec_1"}}
+    await store.set_user_setting("a", "webhook.signing", None)
+    assert await store.get_user_settings("a") == {"webhook.audio_bytes": {"url": "https://a.example/v2"}}
+
+    keys = [f"concurrent:{i}" for i in range(12)]  # writers of different keys at once never undo each other
+    await asyncio.gather(*(store.set_user_setting("a", k, {"i": i}) for i, k in enumerate(keys)))
+    got = await store.get_user_settings("a")
+    assert {k: got[k] for k in keys} == {k: {"i": i} for i, k in enumerate(keys)} and len(got) == len(keys) + 1
+
+
+async def test_user_settings_are_isolated_between_users(store: Storage) -> None:
+    await store.set_user_setting("a", "webhook.signing", {"secret": "a-secret"})
+    await store.set_user_setting("b", "webhook.signing", {"secret": "b-secret"})
+    await store.set_user_setting("b", "notifications", {"daily": True})
+    assert await store.get_user_settings("a") == {"webhook.signing": {"secret": "a-secret"}}
+    assert await store.get_user_settings("b") == {"webhook.signing": {"secret": "b-secret"},
+                                                  "notifications": {"daily": True}}
+    await store.set_user_setting("b", "webhook.signing", None)
+    assert await store.get_user_settings("a") == {"webhook.signing": {"secret": "a-secret"}}
+    assert await store.get_user_settings("c") == {}
+
+
+async def test_user_setting_bad_keys_and_values_are_refused(store: Storage) -> None:
+    await store.set_user_setting("a", "notifications", {"daily": True})
+    for key in ("", "Webhook", "k" * (USER_SETTING_KEY_MAX + 1), "has space", "a/b", "\u00fcber", "_lead", ".",
+                "..", "__name__", "-x", "x\x00", None, 5, b"notifications"):
+        with pytest.raises(ValueError, match="key"):
+            await store.set_user_setting("a", key, {"daily": False})  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="key"):
+            await store.set_user_setting("a", key, None)  # type: ignore[arg-type]
+    cycle: dict = {}
+    cycle["self"] = cycle
+    too_deep: dict = {}
+    for _ in range(16):  # 17 levels
+        too_deep = {"down": too_deep}
+    for value in ([], ["daily"], "on", 1, True, b"{}", {1: "int key"}, {("t",): 1}, {"x": float("nan")},
+                  {"x": float("-inf")}, {"x": {1, 2}}, {"x": (1, 2)}, {"x": b"raw"}, {"x": [[1, 2]]},
+                  {"x": "nul\x00"}, {"nul\x00": 1}, {"x": 2**63}, {"x": -(2**63) - 1}, {"x": "\ud800"}, too_deep,
+                  cycle, {"x": "y" * USER_SETTING_VALUE_MAX}, {"x": np.float32(1.0)}, {"x": object()}):
+        with pytest.raises(ValueError, match="value"):
+            await store.set_user_setting("a", "notifications", value)  # type: ignore[arg-type]
+    with pytest.raises(ValueError) as refused:  # the message never shows the value: it may be a secret
+        await store.set_user_setting("a", "webhook.signing", {"secret": "hunter2-top", "x": float("nan")})
+    assert "hunter2" not in str(refused.value)
+    assert await store.get_user_settings("a") == {"notifications": {"daily": True}}  # nothing written
+
+
+async def test_user_settings_outlive_conversation_deletes_and_retention(store: Storage) -> None:
+    await store.set_user_setting("a", "webhook.audio_bytes", {"url": "https://a.example/audio"})
+    c, old = conversation("a"), conversation("a", started=T0 - 100)
+    for conv in (c, old):
+        await store.save_conversation(conv)
+    assert await store.delete_conversation("a", c.id) is True
+    assert await store.delete_conversations_before(T0) == 1
+    assert await store.get_user_settings("a") == {"webhook.audio_bytes": {"url": "https://a.example/audio"}}
 
 
 # -- conversations -----------------------------------------------------------------------------------------------------
@@ -908,3 +1023,27 @@ async def test_sqlite_file_from_an_older_release_gains_the_new_columns(tmp_path:
         assert await again.get_conversation("a", "old") == old
     finally:
         await again.close()
+
+
+async def test_sqlite_file_from_before_user_settings_gains_the_table(tmp_path: Path) -> None:
+    import sqlite3
+
+    from storage.sqlite import SqliteStorage
+
+    path = tmp_path / "old.sqlite3"
+    old = SqliteStorage(path)
+    await old.open()
+    kept = conversation("a")
+    await old.save_conversation(kept)
+    await old.close()
+    with sqlite3.connect(path) as db:  # as a release before user settings left it
+        db.execute("DROP TABLE user_settings")
+    store = SqliteStorage(path)
+    await store.open()
+    try:
+        assert await store.get_user_settings("a") == {}
+        await store.set_user_setting("a", "webhook.signing", {"secret": "x"})
+        assert await store.get_user_settings("a") == {"webhook.signing": {"secret": "x"}}
+        assert await store.get_conversation("a", kept.id) == kept
+    finally:
+        await store.close()
