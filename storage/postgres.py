@@ -24,6 +24,7 @@ import numpy as np
 
 from storage.base import Conversation, ConversationStatus, Segment, SpeakerProfile, Storage, User, status_filter
 from storage.profile_rows import added_seconds, merge_profile_embeddings, profile_centroid
+from storage.user_settings import postgres_set_setting, postgres_settings
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +122,16 @@ MIGRATIONS: list[str] = [
     # 4: a closing conversation's lease (the sweep retakes a close that crashed or failed once it runs out)
     """
     ALTER TABLE conversations ADD COLUMN processing_until DOUBLE PRECISION;
+    """,
+    # 5: user settings, one JSON object per (uid, key) (storage.user_settings)
+    """
+    CREATE TABLE user_settings (
+        uid TEXT NOT NULL,
+        key TEXT NOT NULL,
+        value JSONB NOT NULL CHECK (jsonb_typeof(value) = 'object'),
+        updated_at DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (uid, key)
+    );
     """,
 ]
 
@@ -330,6 +341,12 @@ class PostgresStorage(Storage):
         rows = await self.pool.fetch("SELECT uid, time_zone, webhook_url, fcm_token, created_at FROM users "
                                      "ORDER BY uid")
         return [User(*r) for r in rows]
+
+    async def get_user_settings(self, uid: str) -> dict[str, dict]:
+        return await postgres_settings(self.pool, uid)
+
+    async def set_user_setting(self, uid: str, key: str, value: dict | None) -> None:
+        await postgres_set_setting(self.pool, uid, key, value)
 
     # -- conversations -------------------------------------------------------------------------------------------
 

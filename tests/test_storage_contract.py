@@ -289,6 +289,7 @@ async def test_users_save_get_list(store: Storage) -> None:
 
 SETTING = {"url": "https://example.org/hook?a=1&b=\u00e9", "secret": "s3cr\u20act-\U0001f511", "enabled": True,
            "paused": False, "note": None, "count": 3, "whole": 1.0, "ratio": 0.1, "tiny": 1e-7, "huge": 1.5e300,
+           "e20": 1e20, "subnormal": 5e-324, "negative": -2.5e-30,
            "max": 2**63 - 1, "min": -(2**63), "\u043a\u043b\u044e\u0447": "\u65e5\u672c\u8a9e",
            "nested": {"list": [1, "two", {"three": [3.5, None, False]}], "empty": {}, "none": [], "flags": [True]}}
 
@@ -861,6 +862,37 @@ async def test_postgres_migrations_are_versioned_and_idempotent(pg_schema: str, 
         assert await store.schema_versions() == every
         await store.close()
     assert await _applied(pg_schema) == every
+
+
+async def test_postgres_user_settings_migration_applies_to_an_existing_schema(pg_schema: str, monkeypatch) -> None:
+    import storage.postgres as pg
+
+    version = next(v for v, sql in enumerate(pg.MIGRATIONS, start=1) if "CREATE TABLE user_settings" in sql)
+    monkeypatch.setattr(pg, "MIGRATIONS", pg.MIGRATIONS[:version - 1])  # the release before user settings
+    old = pg.PostgresStorage(PG_DSN, schema=pg_schema)
+    await old.open()
+    kept = conversation("a")
+    await old.save_conversation(kept)
+    await old.close()
+    assert await _applied(pg_schema) == list(range(1, version))
+
+    monkeypatch.undo()
+    store = pg.PostgresStorage(PG_DSN, schema=pg_schema)
+    await store.open()
+    try:
+        assert version in await store.schema_versions()
+        assert await store.get_user_settings("a") == {}
+        await store.set_user_setting("a", "webhook.signing", {"secret": "x", "n": 1e20})
+        assert typed(await store.get_user_settings("a")) == typed({"webhook.signing": {"secret": "x", "n": 1e20}})
+        assert await store.get_conversation("a", kept.id) == kept
+        async with store.pool.acquire() as con:
+            value_type = await con.fetchval("SELECT data_type FROM information_schema.columns WHERE table_schema = "
+                                            "$1 AND table_name = 'user_settings' AND column_name = 'value'", pg_schema)
+            assert value_type == "jsonb"
+            with pytest.raises(asyncpg.CheckViolationError):  # the table itself holds only JSON objects
+                await con.execute("INSERT INTO user_settings VALUES ('a', 'raw', '[1]'::jsonb, 0)")
+    finally:
+        await store.close()
 
 
 async def test_postgres_replicas_starting_together_migrate_once(pg_schema: str) -> None:
