@@ -9,6 +9,7 @@ Layout (Omi's): every user's data lives under their own document, so a uid can o
     users/{uid}/speaker_profiles/{id}                       the profile's fields (+ dim, n_embeddings)
     users/{uid}/speaker_profiles/{id}/embeddings/{seq:06d}  {"seq", "vector": float32 little-endian bytes}
     users/{uid}/locks/user_profile                          written by every user-kind enrolment (see below)
+    users/{uid}/settings/{key}                              a user setting: {"value": its map, "updated_at"}
     job_runs/{job}__{run_key}                               leases: owner, lease_until, finished_at, ok, detail
     job_status/{job}                                        the job's latest finished run (for last_job_runs)
 
@@ -68,6 +69,7 @@ from storage.base import (
     status_filter,
 )
 from storage.profile_rows import added_seconds, merge_profile_embeddings
+from storage.user_settings import firestore_set_setting, firestore_settings
 
 MAX_BLOB_BYTES = 1_000_000  # Firestore: a document (all its fields) is at most 1 MiB
 _DELETE_PAGE = 400  # documents per delete batch (a batch writes at most 500)
@@ -298,6 +300,12 @@ class FirestoreStorage(Storage):
     async def list_users(self) -> list[User]:
         users = [_to_user(s) async for s in self.client.collection("users").stream()]
         return sorted(users, key=lambda u: u.uid)
+
+    async def get_user_settings(self, uid: str) -> dict[str, dict]:
+        return await firestore_settings(self._user(uid).collection("settings"))
+
+    async def set_user_setting(self, uid: str, key: str, value: dict | None) -> None:
+        await firestore_set_setting(self._user(uid).collection("settings"), key, value)
 
     # -- conversations -------------------------------------------------------------------------------------------
 

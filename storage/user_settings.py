@@ -1,8 +1,9 @@
 """User settings (`Storage.get_user_settings` / `set_user_setting`) as each backend stores them, kept out of the
-backend modules. Each backend creates the place (sqlite's SCHEMA, a postgres migration; Firestore needs none),
-checks the key and value with `storage.base.check_setting_key` / `check_setting_value`, and calls these with its
-own handle. A setting is written whole (an upsert of one row or document), so writers of different keys never
-undo each other."""
+backend modules. Each backend creates the place (sqlite's SCHEMA, a postgres migration; Firestore needs none) and
+calls these with its own handle. Every write is checked first by `checked_setting` (`storage.base.check_setting_key`
+/ `check_setting_value`: ValueError, nothing written); sqlite checks on the event loop, before its storage thread.
+A setting is written whole (an upsert or delete of one row or document), so writers of different keys never undo
+each other."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import json
 import sqlite3
 import time
 from decimal import Decimal
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from storage.base import check_setting_key, check_setting_value
 
@@ -71,3 +72,26 @@ def jsonb_text(value: object) -> str:
     if isinstance(value, list):
         return "[" + ",".join(jsonb_text(v) for v in value) + "]"
     return json.dumps(value, ensure_ascii=False)  # str, int, bool, None
+
+
+# -- Firestore: users/{uid}/settings/{key} = {"value": the object (a map), "updated_at"} ------------------------------
+
+
+async def firestore_settings(settings: Any) -> dict[str, dict]:
+    """`settings`: the user's settings collection."""
+    found = {}
+    async for snap in settings.stream():
+        value = (snap.to_dict() or {}).get("value")
+        if isinstance(value, dict):  # a document of another shape (not written here) is no setting
+            found[snap.id] = value
+    return found
+
+
+async def firestore_set_setting(settings: Any, key: str, value: dict | None) -> None:
+    """One document write: `set` replaces the whole document, `delete` is fine when it is missing."""
+    key, value_json = checked_setting(key, value)
+    ref = settings.document(key)  # a checked key is a valid document id
+    if value_json is None:
+        await ref.delete()
+    else:
+        await ref.set({"value": value, "updated_at": time.time()})
