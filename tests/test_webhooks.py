@@ -1,0 +1,224 @@
+"""The webhooks package's parts without the delivery engine: signing (against an independent HMAC), the URL policy,
+labelled metrics, the user's webhook settings over a real SQLite store, and the stream tap's exact chunking.
+The delivery engine against real local HTTP receivers is in test_webhook_dispatch.py."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import socket
+
+import pytest
+
+import metrics
+from webhooks import signing
+from webhooks.targets import WebhookUrlError, check_url, parse_audio_url, resolve_public
+
+# -- signing ---------------------------------------------------------------------------------------------------------
+
+SECRET = "whsec_test-secret-0123456789"
+OLD_SECRET = "whsec_previous-secret-abcdef"
+UID = "user-äöü 1"
+T = 1_700_000_000
+
+
+def independent_hmac(secret: str, t: int, uid: str, body: bytes) -> str:
+    message = str(t).encode() + b"." + uid.encode("utf-8") + b"." + body
+    return hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()
+
+
+def test_generate_secret_has_omis_form():
+    one, two = signing.generate_secret(), signing.generate_secret()
+    assert one.startswith("whsec_") and two.startswith("whsec_") and one != two
+    assert len(one) == len("whsec_") + 43  # 32 bytes, URL-safe base64 without padding
+
+
+def test_encode_json_is_compact_utf8_and_refuses_nan():
+    assert signing.encode_json({"a": [1, "ü"], "b": None}) == '{"a":[1,"ü"],"b":null}'.encode()
+    with pytest.raises(ValueError):
+        signing.encode_json({"x": float("nan")})
+
+
+def test_sign_matches_an_independent_hmac_with_both_secrets_in_order():
+    body = signing.encode_json({"segments": [{"id": "s1", "text": "héllo"}], "session_id": UID})
+    header = signing.sign(body, [SECRET, OLD_SECRET], UID, timestamp=T)
+    assert header == (f"t={T},v1={independent_hmac(SECRET, T, UID, body)},"
+                      f"v1={independent_hmac(OLD_SECRET, T, UID, body)}")
+    with pytest.raises(ValueError):
+        signing.sign(body, [], UID)
+
+
+def test_signature_headers_signed_and_unsigned():
+    body = b"\x00\x01raw pcm"
+    signed = signing.signature_headers(body, [SECRET], uid=UID, event="audio_bytes", delivery_id="d1", timestamp=T)
+    assert signed == {"X-Omi-Event": "audio_bytes", "X-Omi-Delivery": "d1", "Idempotency-Key": "d1",
+                      "X-Omi-Signature": f"t={T},v1={independent_hmac(SECRET, T, UID, body)}"}
+    unsigned = signing.signature_headers(body, [], uid=UID, event="audio_bytes", delivery_id="d2")
+    assert unsigned == {"X-Omi-Event": "audio_bytes", "X-Omi-Delivery": "d2", "Idempotency-Key": "d2"}
+
+
+def test_verify_accepts_the_real_thing_and_refuses_every_change():
+    body = b'{"summary":"a day","uid":"u"}'
+    headers = {"x-omi-signature": signing.sign(body, [SECRET, OLD_SECRET], UID, timestamp=T)}  # any header case
+    assert signing.verify(headers, body, SECRET, UID, now=T + 10)
+    assert signing.verify(headers, body, OLD_SECRET, UID, now=T - 10)  # the previous secret, during its grace
+    assert signing.verify(headers, bytearray(body), SECRET, UID, now=T)
+    changed = bytearray(body)
+    changed[3] ^= 1
+    assert not signing.verify(headers, bytes(changed), SECRET, UID, now=T)
+    assert not signing.verify(headers, body, SECRET, "another-user", now=T)
+    assert not signing.verify(headers, body, "whsec_wrong", UID, now=T)
+    assert not signing.verify(headers, body, SECRET, UID, now=T + 301)
+    assert not signing.verify(headers, body, SECRET, UID, now=T - 301)
+    assert signing.verify(headers, body, SECRET, UID, tolerance_s=1000, now=T + 301)
+
+
+@pytest.mark.parametrize("header", [
+    "", "garbage", "t=,v1=00", "t=abc,v1=00", f"t={T}", f"v1={'0' * 64}", f"t={T},v1=", f"t={T},v2=abc",
+    f"t={T},v1=ünïcode", f"t=-{T},v1=00", f"t={T}\x00,v1=00", "t=１２３,v1=00", "t=" + "9" * 400 + ",v1=00",
+])
+def test_verify_malformed_headers_are_false_never_an_exception(header):
+    assert signing.verify({"X-Omi-Signature": header}, b"{}", SECRET, UID, now=T) is False
+
+
+def test_verify_malformed_arguments_are_false():
+    good = {"X-Omi-Signature": signing.sign(b"{}", [SECRET], UID, timestamp=T)}
+    assert signing.verify({}, b"{}", SECRET, UID, now=T) is False
+    assert signing.verify(good, "{}", SECRET, UID, now=T) is False  # a str body was re-serialised: refused
+    assert signing.verify(good, b"{}", "", UID, now=T) is False
+    assert signing.verify(good, b"{}", None, UID, now=T) is False  # type: ignore[arg-type]
+    assert signing.verify({"X-Omi-Signature": None}, b"{}", SECRET, UID, now=T) is False  # type: ignore[dict-item]
+    assert signing.verify(good, b"{}", SECRET, "\ud800", now=T) is False  # a lone surrogate cannot be encoded
+    assert signing.verify(good, b"{}", SECRET, UID, now=float("nan")) is False
+
+
+# -- URL policy ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("url", [
+    "https://example.com/hook", "http://example.com:8080/a/b?token=x", "https://8.8.8.8/x", "https://[2001:4860::8888]/",
+    "https://user:pw@example.com/p", "https://example.com/a,b",
+])
+def test_check_url_accepts_public_urls(url):
+    assert check_url(url, allow_private=False) == url
+
+
+@pytest.mark.parametrize("url", [
+    "http://127.0.0.1/x", "http://127.1/x", "http://2130706433/", "http://0x7f.1/", "http://10.0.0.5/",
+    "http://192.168.1.1/", "http://172.16.0.1/", "http://169.254.169.254/latest/meta-data", "http://100.64.0.1/",
+    "http://0.0.0.0/", "http://[::1]/", "http://[::]/", "http://[::ffff:127.0.0.1]/", "http://[::ffff:a9fe:a9fe]/",
+    "http://[fe80::1%25eth0]/", "http://[fc00::1]/", "http://[ff02::1]/", "http://224.0.0.1/", "http://240.0.0.1/",
+    "http://255.255.255.255/", "http://[2002:7f00:1::]/", "http://[64:ff9b::a00:1]/", "http://localhost:8080/",
+    "http://LOCALHOST./", "http://api.localhost/x",
+])
+def test_check_url_refuses_non_public_hosts_unless_allowed(url):
+    with pytest.raises(WebhookUrlError, match="address|localhost"):
+        check_url(url, allow_private=False)
+    assert check_url(url, allow_private=True) == url
+
+
+@pytest.mark.parametrize(("url", "why"), [
+    ("", "empty"), ("ftp://example.com/x", "http"), ("file:///etc/passwd", "http"), ("example.com/x", "http"),
+    ("https:///path", "no host"), ("https://exa mple.com/", "whitespace"), ("https://example.com/\n", "whitespace"),
+    ("https://example.com/\x00", "control"), ("https://example.com/\u200b", "control"),
+    ("https://example.com/" + "a" * 2048, "2048"), ("https://example.com:99999/", "valid"), ("http://[::1/", "valid"),
+])
+def test_check_url_refuses_malformed_urls(url, why):
+    with pytest.raises(WebhookUrlError, match=why):
+        check_url(url, allow_private=True)
+
+
+def test_check_url_errors_never_repeat_query_or_credentials():
+    for url in ("http://alice:hunter2@127.0.0.1/x?token=SECRET", "ftp://alice:hunter2@example.com/?token=SECRET",
+                "https://alice:hunter2@example.com/ x?token=SECRET"):
+        with pytest.raises(WebhookUrlError) as info:
+            check_url(url, allow_private=False)
+        assert "SECRET" not in str(info.value) and "hunter2" not in str(info.value)
+    assert issubclass(WebhookUrlError, ValueError)
+
+
+def test_check_url_refuses_non_strings():
+    with pytest.raises(WebhookUrlError):
+        check_url(None, allow_private=True)  # type: ignore[arg-type]
+
+
+async def test_resolve_public_refuses_names_that_resolve_to_private_addresses():
+    with pytest.raises(WebhookUrlError, match="private"):
+        await resolve_public("localhost", 80)  # a name, resolved: the check a literal-only policy would miss
+    with pytest.raises(WebhookUrlError):
+        await resolve_public("127.0.0.1", 80)
+    with pytest.raises(WebhookUrlError):
+        await resolve_public("169.254.169.254", 80)
+    await resolve_public("8.8.8.8", 443)  # a literal resolves without the network
+    with pytest.raises(OSError):
+        await resolve_public("no-such-host.invalid", 80)
+
+
+async def test_resolve_public_refuses_when_any_address_is_private(monkeypatch):
+    """A name with one public and one private address is refused (the client might connect to either)."""
+    loop = asyncio.get_running_loop()
+    answers = [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("93.184.216.34", 443)),
+               (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("10.1.2.3", 443))]
+
+    async def fake_getaddrinfo(host, port, **kwargs):  # stands in for DNS, which the test machine has no access to
+        return answers
+
+    monkeypatch.setattr(loop, "getaddrinfo", fake_getaddrinfo)
+    with pytest.raises(WebhookUrlError):
+        await resolve_public("mixed.example", 443)
+    answers.pop()
+    await resolve_public("mixed.example", 443)
+
+
+def test_parse_audio_url():
+    assert parse_audio_url("https://x/y,5", 5, 60) == ("https://x/y", 5)
+    assert parse_audio_url("https://x/y,60", 5, 60) == ("https://x/y", 60)
+    assert parse_audio_url("https://x/y", 7, 60) == ("https://x/y", 7)
+    assert parse_audio_url("https://x/y,", 7, 60) == ("https://x/y", 7)  # the app's form with no seconds typed
+    assert parse_audio_url("https://x/a,b/c,12", 5, 60) == ("https://x/a,b/c", 12)
+    for bad in ("https://x/y,0", "https://x/y,61", "https://x/y,abc", "https://x/y,-3", "https://x/y,1.5",
+                "https://x/y,５"):
+        with pytest.raises(WebhookUrlError, match="1 to 60"):
+            parse_audio_url(bad, 5, 60)
+
+
+# -- labelled metrics ------------------------------------------------------------------------------------------------
+
+
+def test_labelled_counters_add_lines_and_keep_the_unlabelled_output():
+    before = metrics.prometheus_text()
+    metrics.register("test_webhooks_events_total", "a test counter")
+    metrics.register("test_webhooks_events_total", "registering twice is harmless")
+    start = metrics.value("test_webhooks_events_total", type="a", outcome="ok")
+    metrics.inc("test_webhooks_events_total", type="a", outcome="ok")
+    metrics.inc("test_webhooks_events_total", 2.5, outcome="ok", type="a")  # label order does not matter
+    metrics.inc("test_webhooks_events_total", type='we"ird\\', outcome="x\ny")
+    assert metrics.value("test_webhooks_events_total", type="a", outcome="ok") == start + 3.5
+    text = metrics.prometheus_text()
+    assert text.startswith(before.rstrip("\n").rsplit("# HELP omi_test_webhooks_events_total", 1)[0])
+    assert "# TYPE omi_test_webhooks_events_total counter" in text
+    assert f'omi_test_webhooks_events_total{{outcome="ok",type="a"}} {start + 3.5:g}' in text
+    assert 'omi_test_webhooks_events_total{outcome="x\\ny",type="we\\"ird\\\\"} 1' in text
+    for line in before.splitlines():  # every unlabelled metric is still there, unchanged in form
+        if line.startswith("omi_stt_"):
+            assert line.split(" ")[0] in text
+    with pytest.raises(KeyError):
+        metrics.inc("no_such_metric_total", type="a")
+    with pytest.raises(KeyError):
+        metrics.inc("stt_reconnects_total", type="a")  # an unlabelled metric takes no labels
+    with pytest.raises(ValueError):
+        metrics.register("stt_reconnects_total", "clash")
+    unlabelled = metrics.value("stt_reconnects_total")
+    metrics.inc("stt_reconnects_total", 0)
+    assert metrics.value("stt_reconnects_total") == unlabelled
+    assert "test_webhooks_events_total" not in metrics.snapshot()
+
+
+def test_signing_vectors_roundtrip_through_json():
+    payload = {"summary": "ünï\u2028code", "uid": UID, "created_at": "2024-01-01T00:00:00"}
+    body = signing.encode_json(payload)
+    assert json.loads(body) == payload
+    header = signing.sign(body, [SECRET], UID, timestamp=T)
+    assert header.split(",v1=")[1] == independent_hmac(SECRET, T, UID, body)
