@@ -9,12 +9,18 @@ import hashlib
 import hmac
 import json
 import socket
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 
 import pytest
 
 import metrics
+from config import Settings
+from storage.sqlite import SqliteStorage
 from webhooks import signing
 from webhooks.targets import WebhookUrlError, check_url, parse_audio_url, resolve_public
+from webhooks.types import Target, WebhookType
+from webhooks.user_webhooks import ROTATION_GRACE_S, UserWebhooks
 
 # -- signing ---------------------------------------------------------------------------------------------------------
 
@@ -222,3 +228,168 @@ def test_signing_vectors_roundtrip_through_json():
     assert json.loads(body) == payload
     header = signing.sign(body, [SECRET], UID, timestamp=T)
     assert header.split(",v1=")[1] == independent_hmac(SECRET, T, UID, body)
+
+
+# -- the user's webhook settings, over a real SQLite store -----------------------------------------------------------
+
+ALL_OFF = {"memory_created": False, "realtime_transcript": False, "audio_bytes": False, "day_summary": False}
+
+
+class Clock:
+    def __init__(self, now: float = 1_700_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def hook_settings(**overrides) -> Settings:
+    values = {"webhook_allow_private": False, "webhook_settings_cache_s": 60.0, "webhook_audio_default_s": 5,
+              "webhook_audio_max_s": 60} | overrides
+    return Settings(_env_file=None, **values)
+
+
+@pytest.fixture
+async def store(tmp_path) -> AsyncIterator[SqliteStorage]:
+    db = SqliteStorage(tmp_path / "webhooks.sqlite3")
+    await db.open()
+    try:
+        yield db
+    finally:
+        await db.close()
+
+
+async def test_urls_status_and_targets(store):
+    clock = Clock()
+    hooks = UserWebhooks(store, hook_settings(), clock=clock)
+    assert await hooks.status("u1") == ALL_OFF
+    assert await hooks.get_url("u1", WebhookType.memory_created) == ""
+    assert await hooks.target("u1", WebhookType.memory_created) is None
+
+    await hooks.set_url("u1", WebhookType.memory_created, "https://example.com/memories?token=t")
+    await hooks.set_url("u1", WebhookType.audio_bytes, "https://example.com/audio,12")
+    assert await hooks.get_url("u1", WebhookType.audio_bytes) == "https://example.com/audio,12"  # as the user set it
+    assert await hooks.status("u1") == ALL_OFF | {"memory_created": True, "audio_bytes": True}  # never switched
+    assert await hooks.target("u1", WebhookType.memory_created) == Target("https://example.com/memories?token=t")
+    assert await hooks.target("u1", WebhookType.audio_bytes) == Target("https://example.com/audio",
+                                                                       audio_interval_s=12)
+
+    await hooks.set_enabled("u1", WebhookType.memory_created, False)  # an explicit switch wins
+    assert (await hooks.status("u1"))["memory_created"] is False
+    assert await hooks.target("u1", WebhookType.memory_created) is None
+    assert await hooks.get_url("u1", WebhookType.memory_created) == "https://example.com/memories?token=t"
+    await hooks.set_url("u1", WebhookType.memory_created, "https://example.com/other")  # a new URL keeps the switch
+    assert (await hooks.status("u1"))["memory_created"] is False
+    await hooks.set_enabled("u1", WebhookType.memory_created, True)
+    assert await hooks.target("u1", WebhookType.memory_created) == Target("https://example.com/other")
+
+    await hooks.set_enabled("u1", WebhookType.day_summary, True)  # on without a URL: Omi says on, nothing is sent
+    assert (await hooks.status("u1"))["day_summary"] is True
+    assert await hooks.target("u1", WebhookType.day_summary) is None
+
+    for cleared in ("", ","):  # Omi's app clears with either; the URL reads back as it was sent
+        await hooks.set_url("u1", WebhookType.audio_bytes, cleared)
+        assert await hooks.get_url("u1", WebhookType.audio_bytes) == cleared
+        assert (await hooks.status("u1"))["audio_bytes"] is False
+        assert await hooks.target("u1", WebhookType.audio_bytes) is None
+
+    await hooks.set_url("u1", WebhookType.audio_bytes, "https://example.com/audio")
+    assert (await hooks.status("u1"))["audio_bytes"] is False  # cleared = disabled, until switched on again
+    await hooks.set_enabled("u1", WebhookType.audio_bytes, True)
+    assert await hooks.target("u1", WebhookType.audio_bytes) == Target("https://example.com/audio",
+                                                                       audio_interval_s=5)  # the default
+    assert await hooks.status("u2") == ALL_OFF  # another user sees none of it
+
+    again = UserWebhooks(store, hook_settings())  # what was stored, read by a fresh process
+    assert await again.status("u1") == await hooks.status("u1")
+    assert await again.target("u1", WebhookType.audio_bytes) == Target("https://example.com/audio",
+                                                                       audio_interval_s=5)
+
+
+async def test_set_url_refuses_bad_urls_and_keeps_the_old_one(store):
+    hooks = UserWebhooks(store, hook_settings())
+    await hooks.set_url("u1", WebhookType.realtime_transcript, "https://example.com/live")
+    for bad, why in (("http://127.0.0.1:9/x", "address"), ("http://169.254.169.254/", "address"),
+                     ("ftp://example.com/", "http"), ("not a url", "whitespace"), ("https://localhost/", "localhost")):
+        with pytest.raises(WebhookUrlError, match=why):
+            await hooks.set_url("u1", WebhookType.realtime_transcript, bad)
+    with pytest.raises(WebhookUrlError, match="1 to 60"):
+        await hooks.set_url("u1", WebhookType.audio_bytes, "https://example.com/a,61")
+    with pytest.raises(WebhookUrlError, match="address"):
+        await hooks.set_url("u1", WebhookType.audio_bytes, "http://10.0.0.1/a,5")  # the URL part is checked too
+    with pytest.raises(ValueError):
+        await hooks.set_url("u1", "no_such_type", "https://example.com/")  # type: ignore[arg-type]
+    assert await hooks.get_url("u1", WebhookType.realtime_transcript) == "https://example.com/live"
+    assert await hooks.get_url("u1", WebhookType.audio_bytes) == ""
+
+    private = UserWebhooks(store, hook_settings(webhook_allow_private=True))
+    await private.set_url("u1", WebhookType.audio_bytes, "http://127.0.0.1:9/a,3")  # allowed by WEBHOOK_ALLOW_PRIVATE
+    assert await private.target("u1", WebhookType.audio_bytes) == Target("http://127.0.0.1:9/a", audio_interval_s=3)
+
+
+async def test_signing_secret_rotation_keeps_the_previous_one_24_hours(store):
+    clock = Clock()
+    hooks = UserWebhooks(store, hook_settings(), clock=clock)
+    await hooks.set_url("u1", WebhookType.day_summary, "https://example.com/day")
+    assert await hooks.secret_status("u1") == {"configured": False}
+    assert (await hooks.target("u1", WebhookType.day_summary)).secrets == ()
+
+    first = await hooks.issue_secret("u1")
+    assert first["secret"].startswith("whsec_")
+    assert first["created_at"] == datetime.fromtimestamp(clock.now, UTC) and first["previous_valid_until"] is None
+    assert (await hooks.target("u1", WebhookType.day_summary)).secrets == (first["secret"],)
+    status = await hooks.secret_status("u1")
+    assert status == {"configured": True, "created_at": first["created_at"], "previous_valid_until": None}
+    assert first["secret"] not in repr(status)
+
+    clock.now += 3600
+    second = await hooks.issue_secret("u1")
+    assert second["secret"] != first["secret"]
+    assert second["previous_valid_until"] == datetime.fromtimestamp(clock.now + ROTATION_GRACE_S, UTC)
+    assert (await hooks.target("u1", WebhookType.day_summary)).secrets == (second["secret"], first["secret"])
+    assert (await hooks.secret_status("u1"))["previous_valid_until"] == second["previous_valid_until"]
+
+    clock.now += ROTATION_GRACE_S - 1  # still inside the grace window
+    assert (await hooks.target("u1", WebhookType.day_summary)).secrets == (second["secret"], first["secret"])
+    clock.now += 1  # the window is over: only the new secret signs
+    assert (await hooks.target("u1", WebhookType.day_summary)).secrets == (second["secret"],)
+
+    third = await hooks.issue_secret("u1")  # rotating again: the previous is the one that was current
+    assert (await hooks.target("u1", WebhookType.day_summary)).secrets == (third["secret"], second["secret"])
+
+    await hooks.delete_secret("u1")
+    assert await hooks.secret_status("u1") == {"configured": False}
+    assert (await hooks.target("u1", WebhookType.day_summary)).secrets == ()
+    again = await hooks.issue_secret("u1")  # after a delete, a fresh start: nothing previous
+    assert again["previous_valid_until"] is None
+    assert (await hooks.target("u1", WebhookType.day_summary)).secrets == (again["secret"],)
+
+
+async def test_settings_cache_expires_is_invalidated_by_writes_and_is_bounded(store):
+    reader = UserWebhooks(store, hook_settings(webhook_settings_cache_s=0.3), cache_users=2)
+    writer = UserWebhooks(store, hook_settings())  # another replica
+    await writer.set_url("u1", WebhookType.memory_created, "https://example.com/a")
+    assert await reader.get_url("u1", WebhookType.memory_created) == "https://example.com/a"
+    await writer.set_url("u1", WebhookType.memory_created, "https://example.com/b")
+    assert await reader.get_url("u1", WebhookType.memory_created) == "https://example.com/a"  # cached
+    await asyncio.sleep(0.35)
+    assert await reader.get_url("u1", WebhookType.memory_created) == "https://example.com/b"  # re-read
+    await reader.set_url("u1", WebhookType.memory_created, "https://example.com/c")  # its own write: seen at once
+    assert await reader.get_url("u1", WebhookType.memory_created) == "https://example.com/c"
+
+    for uid in ("u2", "u3", "u4"):
+        await reader.status(uid)
+    assert len(reader._cache) == 2 and "u1" not in reader._cache  # least recently used dropped
+
+
+async def test_settings_reads_fall_back_to_the_last_ones_when_storage_fails(tmp_path):
+    store = SqliteStorage(tmp_path / "closing.sqlite3")
+    await store.open()
+    hooks = UserWebhooks(store, hook_settings(webhook_settings_cache_s=0.05))
+    await hooks.set_url("u1", WebhookType.memory_created, "https://example.com/a")
+    assert await hooks.target("u1", WebhookType.memory_created) is not None
+    await asyncio.sleep(0.06)
+    await store.close()  # storage goes away
+    assert await hooks.target("u1", WebhookType.memory_created) == Target("https://example.com/a")
+    with pytest.raises(Exception):  # noqa: B017 - a user never read: the storage error itself
+        await hooks.target("u9", WebhookType.memory_created)
