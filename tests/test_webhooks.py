@@ -18,7 +18,8 @@ import metrics
 from config import Settings
 from storage.sqlite import SqliteStorage
 from webhooks import signing
-from webhooks.targets import WebhookUrlError, check_url, parse_audio_url, resolve_public
+from webhooks.breaker import CircuitBreakers, breaker_key
+from webhooks.targets import PublicHosts, WebhookUrlError, check_url, parse_audio_url, resolve_public
 from webhooks.types import Target, WebhookType
 from webhooks.user_webhooks import ROTATION_GRACE_S, UserWebhooks
 
@@ -393,3 +394,66 @@ async def test_settings_reads_fall_back_to_the_last_ones_when_storage_fails(tmp_
     assert await hooks.target("u1", WebhookType.memory_created) == Target("https://example.com/a")
     with pytest.raises(Exception):  # noqa: B017 - a user never read: the storage error itself
         await hooks.target("u9", WebhookType.memory_created)
+
+
+# -- the remembered public hosts, the circuit breaker ----------------------------------------------------------------
+
+
+async def test_public_hosts_are_remembered_briefly_and_refusals_never(monkeypatch):
+    loop = asyncio.get_running_loop()
+    answers = {"hooks.example.com": "93.184.216.34"}
+    lookups: list[str] = []
+
+    async def fake_getaddrinfo(host, port, **kwargs):  # stands in for DNS (none here)
+        lookups.append(host)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (answers[host], port))]
+
+    monkeypatch.setattr(loop, "getaddrinfo", fake_getaddrinfo)
+    clock = Clock(0.0)
+    hosts = PublicHosts(ttl_s=10.0, max_hosts=2, clock=clock)
+    await hosts.check("hooks.example.com", 443)
+    await hosts.check("HOOKS.example.com", 443)
+    assert lookups == ["hooks.example.com"]  # remembered
+    answers["hooks.example.com"] = "127.0.0.1"  # the name now points inside
+    clock.now = 10.0
+    with pytest.raises(WebhookUrlError):
+        await hosts.check("hooks.example.com", 443)  # looked up again once the memory is over: refused
+    with pytest.raises(WebhookUrlError):
+        await hosts.check("hooks.example.com", 443)  # a refusal is not remembered as public
+    assert len(lookups) == 3
+    for i in range(3):
+        answers[f"h{i}.example.com"] = "8.8.8.8"
+        await hosts.check(f"h{i}.example.com", 443)
+    assert len(hosts._public) == 2  # bounded
+
+
+def test_breaker_opens_after_failures_in_a_row_and_half_opens_once():
+    clock = Clock(0.0)
+    breakers = CircuitBreakers(3, 30.0, max_urls=2, clock=clock)
+    key = breaker_key("https://Example.com/hook?token=a")
+    assert key == breaker_key("https://example.com:443/hook?token=b") == "https://example.com:443/hook"
+    for _ in range(2):
+        assert breakers.allow(key) == "closed"
+        breakers.record(key, False)
+    breakers.record(key, True)  # a success in between: the count starts again
+    for _ in range(3):
+        breakers.record(key, False)
+    assert breakers.allow(key) is None and breakers.is_open(key)
+    clock.now = 30.0
+    assert breakers.allow(key) == "trial"
+    assert breakers.allow(key) is None  # one trial at a time
+    breakers.record(key, False)  # a delivery that started before it opened: not the trial's verdict
+    assert breakers.allow(key) is None
+    breakers.release(key)  # the trial never reached the receiver (refused, cancelled): another may try
+    clock.now = 60.0
+    assert breakers.allow(key) == "trial"
+    breakers.record(key, False, trial=True)  # the trial failed: open again for the full time
+    clock.now = 89.0
+    assert breakers.allow(key) is None
+    clock.now = 90.0
+    assert breakers.allow(key) == "trial"
+    breakers.record(key, True, trial=True)
+    assert breakers.allow(key) == "closed" and breakers.allow(key) == "closed" and not breakers.is_open(key)
+    for name in ("a", "b"):
+        breakers.record(breaker_key(f"https://{name}.example.com/"), False)
+    assert len(breakers._states) == 2  # bounded

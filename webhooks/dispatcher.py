@@ -6,7 +6,8 @@ queue. Each (user, webhook type) has an outbox (`outbox.Outbox`, bounded) and, w
 that delivers its items in order, so one user's slow receiver never holds up another's. Around each request: a
 process-wide limit of WEBHOOK_MAX_CONCURRENT requests, one shared connection pool (`sender.WebhookSender`), the
 target (URL, on/off, signing secrets) looked up when the delivery starts (`UserWebhooks.target`, cached), the URL
-policy checked and the host resolved before every attempt unless WEBHOOK_ALLOW_PRIVATE, retries with jittered
+policy checked and the host resolved before every attempt unless WEBHOOK_ALLOW_PRIVATE (a host found public is
+remembered for a few seconds: `targets.PublicHosts`), retries with jittered
 exponential backoff on network errors, 5xx and 429, and a circuit breaker per receiver (`breaker`).
 
 Metrics: `webhook_deliveries_total{type,outcome}` counts deliveries (one request's worth, whatever its tries),
@@ -35,7 +36,7 @@ from webhooks.breaker import CircuitBreakers, breaker_key
 from webhooks.outbox import Delivery, Outbox
 from webhooks.sender import Answer, WebhookSender
 from webhooks.signing import encode_json
-from webhooks.targets import WebhookUrlError, check_url, redact_url, resolve_public, url_host_port
+from webhooks.targets import PublicHosts, WebhookUrlError, check_url, redact_url, url_host_port
 from webhooks.types import Target, WebhookType
 from webhooks.user_webhooks import UserWebhooks
 
@@ -68,6 +69,7 @@ class WebhookDispatcher:
         self.on_message = on_message  # told of a transcript webhook's {"message": ...} answer (Omi notifies)
         self._sender = WebhookSender(settings)
         self._breakers = CircuitBreakers(settings.webhook_breaker_failures, settings.webhook_breaker_open_s)
+        self._public_hosts = PublicHosts()
         self._outboxes: dict[tuple[str, WebhookType], Outbox] = {}
         self._side_tasks: set[asyncio.Task] = set()
         self._logged: OrderedDict[str, float] = OrderedDict()  # receiver → loop time of its last warning
@@ -253,7 +255,7 @@ class WebhookDispatcher:
         try:
             check_url(url, allow_private)
             if not allow_private:
-                await resolve_public(*url_host_port(url))
+                await self._public_hosts.check(*url_host_port(url))
         except WebhookUrlError as exc:
             raise _Refused(str(exc)) from None
         try:

@@ -13,11 +13,15 @@ import asyncio
 import ipaddress
 import re
 import socket
+import time
+from collections import OrderedDict
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
 from notify import redact_url
 
-__all__ = ["WebhookUrlError", "check_url", "parse_audio_url", "redact_url", "resolve_public", "url_host_port"]
+__all__ = ["PublicHosts", "WebhookUrlError", "check_url", "parse_audio_url", "redact_url", "resolve_public",
+           "url_host_port"]
 
 MAX_URL_CHARS = 2048
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
@@ -114,6 +118,30 @@ async def resolve_public(host: str, port: int) -> None:
         address = str(sockaddr[0]).partition("%")[0]
         if not is_public_address(ipaddress.ip_address(address)):
             raise WebhookUrlError("the webhook host resolves to a private, loopback, link-local or reserved address")
+
+
+class PublicHosts:
+    """`resolve_public` with a short memory of hosts found public, so a user's stream of requests (a transcript
+    batch a second, audio every few seconds) does not cost a lookup each on the event loop's default thread pool,
+    which the streams use too. Refusals are not remembered (each delivery to one is refused again)."""
+
+    def __init__(self, ttl_s: float = 10.0, max_hosts: int = 10_000, clock: Callable[[], float] = time.monotonic
+                 ) -> None:
+        self.ttl_s = ttl_s  # would be a setting (WEBHOOK_RESOLVE_CACHE_S); a host's DNS may change within it
+        self.max_hosts = max_hosts
+        self.clock = clock
+        self._public: OrderedDict[tuple[str, int], float] = OrderedDict()  # (host, port) → until when
+
+    async def check(self, host: str, port: int) -> None:
+        key = (host.lower(), port)
+        until = self._public.get(key)
+        if until is not None and self.clock() < until:
+            return
+        await resolve_public(host, port)
+        self._public[key] = self.clock() + self.ttl_s
+        self._public.move_to_end(key)
+        while len(self._public) > self.max_hosts:
+            self._public.popitem(last=False)
 
 
 def parse_audio_url(raw: str, default_s: int, max_s: int) -> tuple[str, int]:
