@@ -310,7 +310,7 @@ async def test_transcript_batches_coalesce_by_id_and_go_at_most_once_per_interva
     requests = rx.at("/live")
     assert 2 <= len(requests) <= 8  # 40 submits over ~1.3 s, at most one request per 0.3 s
     gaps = [b.at - a.at for a, b in zip(requests, requests[1:], strict=False)]
-    assert min(gaps) >= 0.3 - 0.02, gaps
+    assert min(gaps) >= 0.3 - 0.05, gaps  # (without the limit: ~0.03 s apart; the slack is arrival jitter)
     first_seen: list[str] = []
     last_version: dict[str, dict] = {}
     for r in requests:

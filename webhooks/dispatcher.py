@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import traceback
 import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -167,9 +168,9 @@ class WebhookDispatcher:
                     await self._deliver(uid, box, delivery)
                 except Exception as exc:  # a bug must cost this delivery, not the outbox
                     self._count(wtype, "failed")
-                    # the type only at WARNING: an exception's text may hold the URL and its query
+                    # the type and the frames only: an exception's text may hold the URL and its query
                     log.warning("webhook %s of %s failed unexpectedly: %s", wtype, uid, type(exc).__name__)
-                    log.debug("webhook delivery failure", exc_info=True)
+                    log.debug("where: %s", "".join(traceback.format_tb(exc.__traceback__)))
                 box.in_flight = None
         except asyncio.CancelledError:
             self._count(wtype, "dropped_shutdown", box.pending())
