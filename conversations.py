@@ -46,6 +46,9 @@ log = logging.getLogger(__name__)
 MERGE_GAP_S = 1.0
 
 Listener = Callable[[dict[str, Any]], Awaitable[None]]
+# Told of every completed conversation (uid, the Conversation JSON the app gets): the memory_created webhook. It must
+# not block (it queues the delivery).
+CompletedHook = Callable[[str, dict[str, Any]], None]
 
 
 def merge_segments(segments: list[Segment]) -> list[Segment]:
@@ -79,10 +82,11 @@ class SweepIncomplete(Exception):
 
 class ConversationService:
     def __init__(self, storage: Storage, summarizer: Summarizer | None = None,
-                 close_lease_s: float = DEFAULT_CLOSE_LEASE_S) -> None:
+                 close_lease_s: float = DEFAULT_CLOSE_LEASE_S, on_completed: CompletedHook | None = None) -> None:
         self.storage = storage
         self.summarizer = summarizer or PlainSummarizer()
         self.close_lease_s = close_lease_s
+        self.on_completed = on_completed
         self._listeners: dict[str, set[Listener]] = defaultdict(set)
 
     # -- connections ---------------------------------------------------------------------------------------------
@@ -183,7 +187,13 @@ class ConversationService:
             log.warning("conversation %s: its close outlasted its lease (CONVERSATION_CLOSE_LEASE_S) and another "
                         "close took it over, or it was deleted meanwhile; this outcome is dropped", claimed.id)
             return None
-        await self._notify(claimed.uid, memory_event("memory_created", claimed, stored))
+        created = memory_event("memory_created", claimed, stored)
+        await self._notify(claimed.uid, created)
+        if self.on_completed is not None and claimed.status == "completed":
+            try:
+                self.on_completed(claimed.uid, created["memory"])
+            except Exception:  # the close is done and stored: a hook's failure must not make the sweep retry it
+                log.exception("conversation %s: the completed-conversation hook failed", claimed.id)
         log.info("conversation %s %s (%d segments)", claimed.id, claimed.status, len(segments))
         return claimed
 

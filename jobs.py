@@ -51,6 +51,9 @@ from conversations import ConversationService, SweepIncomplete
 from notify import ChannelNotifier, Notifier
 from storage import Storage
 from storage.base import User
+from user_routes import DAILY_SUMMARY_KEY, daily_summary_prefs
+from webhooks.dispatcher import WebhookDispatcher
+from webhooks.types import WebhookType
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +109,10 @@ class JobRunner:
     """Owns the AsyncIOScheduler. `start()` inside the running loop (the app lifespan), `await shutdown()` at exit."""
 
     def __init__(self, settings: Settings, storage: Storage, conversations: ConversationService,
-                 notifier: Notifier | None = None, *, owner: str | None = None) -> None:
+                 notifier: Notifier | None = None, *, owner: str | None = None,
+                 webhooks: WebhookDispatcher | None = None) -> None:
         self.settings = settings
+        self.webhooks = webhooks  # the day_summary developer webhook goes out with the evening notification
         self.storage = storage
         self.conversations = conversations  # made with CONVERSATION_CLOSE_LEASE_S, the lease the sweep retakes after
         self._owns_notifier = notifier is None
@@ -293,6 +298,10 @@ class JobRunner:
         for user in await self.storage.list_users():
             tz = user_zone(user.time_zone)
             for kind, at in (("morning", s.notify_morning_at), ("evening", s.notify_evening_at)):
+                if kind == "evening":  # the user's day-summary settings (enabled, local hour): read only near one
+                    at = await self._evening_at(user, now, tz)
+                    if at is None:
+                        continue
                 day = due_day(now, tz, at, s.notify_check_interval_s)
                 if day is None:
                     continue
@@ -309,6 +318,25 @@ class JobRunner:
             raise JobFailed(f"{detail}; failed {len(failed)} ({', '.join(failed[:20])})")
         return detail
 
+    async def _evening_at(self, user: User, now: float, tz: dt.tzinfo) -> dt.time | None:
+        """The user's local time of the day summary, or None when they turned it off. Storage is read only when the
+        local time is at a full hour (every hour a user may choose starts one), not on every check."""
+        local = dt.datetime.fromtimestamp(now, tz)
+        since_hour = local.minute * 60 + local.second + local.microsecond / 1e6
+        default = self.settings.notify_evening_at
+        since_default = (local.hour * 3600 + since_hour
+                         - (default.hour * 3600 + default.minute * 60 + default.second)) % DAY_S
+        window = self.settings.notify_check_interval_s
+        if since_hour >= window and since_default >= window:
+            return None
+        prefs = daily_summary_prefs((await self.storage.get_user_settings(user.uid)).get(DAILY_SUMMARY_KEY),
+                                    self.settings)
+        if not prefs["enabled"]:
+            return None
+        if prefs["hour"] == self.settings.notify_evening_at.hour:
+            return self.settings.notify_evening_at
+        return dt.time(prefs["hour"], 0)
+
     async def _notify_once(self, user: User, tz: dt.tzinfo, kind: str, day: dt.date) -> str | None:
         """Send one notification under its own lease; the channel, or None (nothing to say, or sent elsewhere)."""
         if kind == "morning":
@@ -320,6 +348,9 @@ class JobRunner:
         run_key = f"daily_notifications:{user.uid}:{day.isoformat()}:{kind}"
         if not await self.storage.acquire_job_run(NOTIFICATION_JOB, run_key, self.owner, self.settings.job_lease_s):
             return None
+        if kind == "evening" and self.webhooks is not None:  # Omi's day_summary webhook, once (under the lease)
+            self.webhooks.submit_json(user.uid, WebhookType.day_summary, {
+                "summary": message[1], "uid": user.uid, "created_at": dt.datetime.now(UTC).isoformat()})
         try:
             channel = await self.notifier.send(user, *message)
         except Exception as exc:

@@ -28,6 +28,7 @@ from streaming.segments import SegmentTail
 from streaming.speaker import MATCH_RULES, ProfileIndex
 from streaming.stt import SttError
 from streaming.tagging import SpeakerLabel, SpeakerTagger
+from webhooks.stream_tap import StreamWebhooks
 from ws_client import WsClient
 
 log = logging.getLogger("server")
@@ -91,6 +92,7 @@ async def _serve_stream(client: WsClient, params: ListenParams, uid: str, st: An
         log.error("stream for %s refused, storage unavailable: %s", uid, type(exc).__name__)
         return await client.refuse(CloseCode.TRY_AGAIN_LATER, "storage_unavailable",
                                    "storage unavailable, retry shortly")
+    hooks = await _stream_webhooks(st, uid)
     if last is not None:
         await client.send_json({"type": "last_memory", "memory_id": last.id})
     if tagger is not None and state is not None:
@@ -101,11 +103,12 @@ async def _serve_stream(client: WsClient, params: ListenParams, uid: str, st: An
         link = ConversationLink(service, conversation, params.language, timeout_s)
         link.pipeline = Pipeline(
             decoder=decoder, vad_backend=st.vad_backend, vad_params=st.vad_params, stt_factory=st.stt_factory,
-            language=params.language, emit=client.send_json, tagger=tagger, persist=link.persist,
+            language=params.language, emit=_tapped(client.send_json, hooks), tagger=tagger, persist=link.persist,
             time_offset=conversation.duration_s, keepalive_s=s.deepgram_keepalive_s,
             pending_max=s.storage_pending_max_segments, retry_on_close_s=s.storage_retry_on_close_s,
             write_timeout_s=s.storage_write_timeout_s, vad_runner=st.pool.run_vad, tail=tail,
             fixed_label=channel.label,
+            audio_tap=hooks.audio if hooks is not None and not links else None,  # the first (microphone) channel
         )
         links.append(link)
         pipelines.append(link.pipeline)
@@ -139,12 +142,39 @@ async def _serve_stream(client: WsClient, params: ListenParams, uid: str, st: An
         if failed is not None and close_code in (CloseCode.NORMAL, CloseCode.GOING_AWAY):
             close_code = failed
         stop_listening()
+        if hooks is not None:
+            hooks.flush()  # the last partial audio chunk
         await _stream_ended(st, service, uid, tagger, links)
         for pipeline in pipelines:
             stats = pipeline.stats
             log.info("stream closed uid=%s frames=%d bad=%d sent=%.1fs of %.1fs", uid, stats.frames,
                      stats.bad_frames, stats.sent_samples / 16000, stats.stream_samples / 16000)
         await client.close(close_code)
+
+
+async def _stream_webhooks(st: Any, uid: str) -> StreamWebhooks | None:
+    """The stream's developer-webhook tap (real-time transcript, audio bytes), or None when the user has neither
+    or their settings cannot be read now (the stream goes on without them: webhooks never hold up a stream)."""
+    try:
+        hooks = await StreamWebhooks.open(st.webhooks, st.user_webhooks, uid)
+    except Exception as exc:
+        log.warning("webhooks of %s off for this stream, settings unreadable: %s", uid, type(exc).__name__)
+        return None
+    return hooks
+
+
+def _tapped(emit, hooks: StreamWebhooks | None):
+    """`emit` that also hands every segment list it sends to the real-time transcript webhook (queued, not
+    awaited: a slow receiver never slows the stream)."""
+    if hooks is None:
+        return emit
+
+    async def send(payload: Any) -> None:
+        if isinstance(payload, list):
+            hooks.segments(payload)
+        await emit(payload)
+
+    return send
 
 
 def _failure(exc: Exception) -> tuple[int, str, str]:

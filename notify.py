@@ -120,3 +120,22 @@ class ChannelNotifier(Notifier):
         client, self._http = self._http, None
         if client is not None:
             await client.aclose()
+
+
+WEBHOOK_MESSAGE_TITLE = "Webhook says"  # Omi's title for a realtime-transcript webhook's answer (utils/webhooks.py)
+
+
+def webhook_message_notifier(storage, notifier: Notifier):
+    """What the webhook dispatcher calls when a user's realtime-transcript webhook answers with a `message`: the
+    user is notified of it, as Omi does (through FCM when configured, else the log). Failures are logged only."""
+
+    async def notify_message(uid: str, message: str) -> None:
+        user = await storage.get_user(uid) or User(uid=uid)
+        try:
+            channel = await notifier.send(user, WEBHOOK_MESSAGE_TITLE, message)
+        except NotificationError as exc:
+            log.warning("webhook message to %s not delivered: %s", uid, exc)
+        else:
+            log.info("webhook message to %s went via %s", uid, channel)
+
+    return notify_message

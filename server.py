@@ -34,12 +34,15 @@ import jobs  # noqa: E402
 import metrics  # noqa: E402
 import omi_profile_routes  # noqa: E402
 import people_routes  # noqa: E402
+import user_routes  # noqa: E402
 import vad_routes  # noqa: E402
+import webhook_routes  # noqa: E402
 from auth import Authenticator, AuthError  # noqa: E402
 from batch_threads import batch_threads  # noqa: E402
 from config import Settings, get_settings  # noqa: E402
 from conversations import ConversationService  # noqa: E402
 from listen_session import serve_stream  # noqa: E402
+from notify import ChannelNotifier, webhook_message_notifier  # noqa: E402
 from route_errors import RouteErrors  # noqa: E402
 from storage import open_storage  # noqa: E402
 from streaming.identify import SegmentIdentifier  # noqa: E402
@@ -50,9 +53,14 @@ from streaming.stt import SttFactory  # noqa: E402
 from streaming.vad import VadParams, load_vad_backend  # noqa: E402
 from summaries import make_summarizer  # noqa: E402
 from upload_guard import UploadGuard  # noqa: E402
+from webhooks.dispatcher import WebhookDispatcher  # noqa: E402
+from webhooks.types import WebhookType  # noqa: E402
+from webhooks.user_webhooks import UserWebhooks  # noqa: E402
 from ws_client import WsClient  # noqa: E402
 
 log = logging.getLogger("server")
+
+WEBHOOK_SHUTDOWN_GRACE_S = 5.0  # at exit, queued webhook deliveries get this long; the rest are counted dropped
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -76,9 +84,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await asyncio.to_thread(st.vad_backend.warm_up)
         st.stt_factory = await asyncio.to_thread(SttFactory, s)
         st.storage = await open_storage(s)
-        st.conversations = ConversationService(st.storage, summarizer=make_summarizer(s),
-                                               close_lease_s=s.conversation_close_lease_s)
-        st.jobs = jobs.JobRunner(s, st.storage, st.conversations)
+        st.user_webhooks = UserWebhooks(st.storage, s)
+        notifier = ChannelNotifier(s)
+        st.webhooks = WebhookDispatcher(s, st.user_webhooks, on_message=webhook_message_notifier(st.storage, notifier))
+        st.conversations = ConversationService(
+            st.storage, summarizer=make_summarizer(s), close_lease_s=s.conversation_close_lease_s,
+            on_completed=lambda uid, memory: st.webhooks.submit_json(uid, WebhookType.memory_created, memory))
+        st.jobs = jobs.JobRunner(s, st.storage, st.conversations, notifier, webhooks=st.webhooks)
         if s.jobs_enabled:
             st.jobs.start()
         st.pool = await ModelPool.create(s, vad_backend=st.vad_backend)
@@ -91,6 +103,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         restore_signals()
         st.ready = False
         await st.jobs.shutdown()
+        await st.webhooks.aclose(WEBHOOK_SHUTDOWN_GRACE_S)  # after the streams and jobs that feed it
+        await notifier.aclose()
         await st.pool.close()
         batch_threads(st).close()
         await st.conversations.summarizer.aclose()
@@ -104,6 +118,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(conversation_routes.router)
     app.include_router(people_routes.router)
     app.include_router(omi_profile_routes.router)
+    app.include_router(webhook_routes.router)
+    app.include_router(user_routes.router)
     app.include_router(jobs.router)
     app.include_router(metrics.router)
     app.openapi = _openapi_with_string_details(app)

@@ -26,6 +26,7 @@ from streaming.vad import SpeechAudio, SpeechEnd, StreamingVAD, VadBackend, VadE
 
 log = logging.getLogger(__name__)
 
+AudioTap = Callable[[np.ndarray], None]  # float32 16 kHz mono samples, as decoded; must not block
 Emit = Callable[[Any], Awaitable[None]]  # sends one JSON message (a list of segments or an event) to the client
 # Runs one stream's `FrameJob` (decode + VAD) and returns its result: the model pool's batched VAD (`run_vad`) in the
 # server; by default the job alone in a worker thread.
@@ -49,12 +50,15 @@ class FrameJob:
     job is out (`Pipeline._work` awaits it). The result: the VAD events, and the frames that could not be decoded
     as (frame number, why)."""
 
-    __slots__ = ("bad", "decoder", "events", "frames", "samples", "vad")
+    __slots__ = ("audio", "bad", "decoder", "events", "frames", "keep_audio", "samples", "vad")
 
-    def __init__(self, decoder: FrameDecoder, vad: StreamingVAD, frames: list[tuple[int, bytes]]) -> None:
+    def __init__(self, decoder: FrameDecoder, vad: StreamingVAD, frames: list[tuple[int, bytes]],
+                 keep_audio: bool = False) -> None:
         self.decoder = decoder
         self.vad = vad
         self.frames = frames
+        self.keep_audio = keep_audio  # the stream's audio tap wants the decoded audio (audio_bytes webhook)
+        self.audio: np.ndarray | None = None
         self.bad: list[tuple[int, str]] = []
         self.samples = 0  # 16 kHz samples decoded
         self.events: list[SpeechPcm | VadEvent] = []
@@ -71,6 +75,8 @@ class FrameJob:
                 decoded.append(audio)
         audio = np.concatenate(decoded) if len(decoded) > 1 else (decoded[0] if decoded else np.zeros(0, np.float32))
         self.samples = len(audio)
+        if self.keep_audio:
+            self.audio = audio
         return self.vad, self.vad.take(audio)
 
     def complete(self, probs: np.ndarray) -> FrameJob:
@@ -122,8 +128,11 @@ class Pipeline:
         vad_runner: VadRunner | None = None,
         tail: SegmentTail | None = None,
         fixed_label: SpeakerLabel | None = None,
+        audio_tap: AudioTap | None = None,
     ) -> None:
         self._decoder = decoder
+        self._audio_tap = audio_tap  # called on the event loop with each run of decoded 16 kHz audio, in order
+        self._tail_audio = np.zeros(0, np.float32)
         self._vad = StreamingVAD(vad_backend, vad_params)
         self._run_vad = vad_runner or _run_alone
         self._emit = emit
@@ -173,8 +182,10 @@ class Pipeline:
         try:
             while self._inbox:
                 batch, self._inbox, self._inbox_bytes = self._inbox, [], 0
-                job = await self._run_vad(FrameJob(self._decoder, self._vad, batch))
+                job = await self._run_vad(FrameJob(self._decoder, self._vad, batch, self._audio_tap is not None))
                 self.stats.stream_samples += job.samples
+                if self._audio_tap is not None and job.audio is not None and len(job.audio):
+                    self._audio_tap(job.audio)
                 await self._forward(job.events)
                 for index, problem in job.bad:
                     self.stats.bad_frames += 1
@@ -209,7 +220,10 @@ class Pipeline:
             raise errors[0]
 
     async def _flush_and_forward(self) -> None:
-        await self._forward(await asyncio.to_thread(self._flush))
+        events = await asyncio.to_thread(self._flush)
+        if self._audio_tap is not None and len(self._tail_audio):  # on the loop: the tap is not thread-safe
+            self._audio_tap(self._tail_audio)
+        await self._forward(events)
 
     async def _drain_writer(self) -> None:
         """The last transcripts are delivered by now: store what storage has not taken yet."""
@@ -221,6 +235,7 @@ class Pipeline:
     def _flush(self) -> list[SpeechPcm | VadEvent]:
         tail = self._decoder.flush()
         self.stats.stream_samples += len(tail)
+        self._tail_audio = tail
         events = self._vad.process(tail) if len(tail) else []
         return _speech_as_pcm(events + self._vad.flush())
 

@@ -75,6 +75,18 @@ USER_ROUTES = {
     ("DELETE", "/v3/speech-profile/expand"),
     ("GET", "/v4/speech-profile"),
     ("GET", "/v4/speech-profile/audio"),
+    # developer webhooks and notification settings at Omi's paths (isolation: test_a_cannot_read_or_change_b_settings)
+    ("POST", "/v1/users/developer/webhook/{wtype}"),
+    ("GET", "/v1/users/developer/webhook/{wtype}"),
+    ("POST", "/v1/users/developer/webhook/{wtype}/enable"),
+    ("POST", "/v1/users/developer/webhook/{wtype}/disable"),
+    ("GET", "/v1/users/developer/webhooks/status"),
+    ("POST", "/v1/users/developer/webhook-signing-secret"),
+    ("GET", "/v1/users/developer/webhook-signing-secret"),
+    ("DELETE", "/v1/users/developer/webhook-signing-secret"),
+    ("POST", "/v1/users/fcm-token"),
+    ("GET", "/v1/users/daily-summary-settings"),
+    ("PATCH", "/v1/users/daily-summary-settings"),
 }
 ADMIN_ROUTES = {("GET", "/v1/jobs")}
 PUBLIC_ROUTES = {("GET", "/health"), ("GET", "/ready"), ("GET", "/metrics")}  # no credentials, no user data
@@ -222,7 +234,8 @@ def test_every_route_is_classified(server):
 
 
 def _call(http: httpx.Client, method: str, path: str, voice: bytes, ids: dict) -> httpx.Response:
-    url = path.format(person_id=ids["carol"], conversation_id=ids["conversation"], sample_index=0)
+    url = path.format(person_id=ids["carol"], conversation_id=ids["conversation"], sample_index=0,
+                      wtype="realtime_transcript")
     if path == "/v1/speaker-identification":
         return http.post(url, files={"audio_file": ("a.wav", voice, "audio/wav")}, data={"segments": "[]"})
     if method == "POST" and path == "/v1/people":
@@ -474,3 +487,65 @@ def test_the_apps_firebase_token_on_the_websocket(server):
         asyncio.run(first_receive(id_token(A, project="someone-else")))
     assert refused.value.response.status_code == 403
 
+
+
+def b_settings(server) -> dict:
+    """B's webhook and notification settings as B reads them, and B's stored push token and time zone."""
+    import sqlite3
+
+    with client(server, B) as b:
+        out = {t: b.get(f"/v1/users/developer/webhook/{t}").json() for t in WEBHOOK_TYPES}
+        out["status"] = b.get("/v1/users/developer/webhooks/status").json()
+        out["secret"] = b.get("/v1/users/developer/webhook-signing-secret").json()
+        out["daily"] = b.get("/v1/users/daily-summary-settings").json()
+    db = sqlite3.connect(f"file:{server.log_path.parent / 'data' / 'omi.sqlite3'}?mode=ro", uri=True)
+    try:
+        out["user"] = db.execute("SELECT fcm_token, time_zone FROM users WHERE uid = ?", (B,)).fetchall()
+    finally:
+        db.close()
+    return out
+
+
+WEBHOOK_TYPES = ("audio_bytes", "memory_created", "realtime_transcript", "day_summary")
+
+
+def test_a_cannot_read_or_change_b_settings(server):
+    """B's developer webhooks, signing secret, push token and day-summary settings: A sees only A's own (the
+    defaults), and A's writes, with B's uid anywhere in the request, change only A's."""
+    with client(server, B) as b:
+        assert b.post("/v1/users/developer/webhook/realtime_transcript",
+                      json={"url": "https://hooks.example.com/b?key=b-private"}).status_code == 200
+        assert b.post("/v1/users/developer/webhook/audio_bytes",
+                      json={"url": "https://hooks.example.com/b-audio,7"}).status_code == 200
+        assert b.post("/v1/users/developer/webhook/day_summary/disable").status_code == 200
+        secret = b.post("/v1/users/developer/webhook-signing-secret").json()["secret"]
+        assert b.post("/v1/users/fcm-token", json={"fcm_token": "b-push-token", "time_zone": "Asia/Tokyo"}).json() \
+            == {"status": "Ok"}
+        assert b.patch("/v1/users/daily-summary-settings", json={"enabled": False, "hour": 7}).status_code == 200
+    before = b_settings(server)
+    assert before["realtime_transcript"] == {"url": "https://hooks.example.com/b?key=b-private"}
+    assert before["status"] == {"audio_bytes": True, "memory_created": False, "realtime_transcript": True,
+                                "day_summary": False}
+    assert before["secret"]["configured"] is True and secret not in json.dumps(before)
+    assert before["daily"] == {"enabled": False, "hour": 7} and before["user"] == [("b-push-token", "Asia/Tokyo")]
+    with client(server, A) as a:
+        for query in ("", f"?uid={B}"):
+            for t in WEBHOOK_TYPES:
+                assert a.get(f"/v1/users/developer/webhook/{t}{query}").json() == {"url": ""}
+            assert a.get(f"/v1/users/developer/webhooks/status{query}").json() == dict.fromkeys(WEBHOOK_TYPES, False)
+            assert a.get(f"/v1/users/developer/webhook-signing-secret{query}").json() == {"configured": False}
+            assert a.get(f"/v1/users/daily-summary-settings{query}").json()["enabled"] is True
+        # A's own writes, B's uid in the query and the body: only A's settings change.
+        assert a.post(f"/v1/users/developer/webhook/realtime_transcript?uid={B}",
+                      json={"url": "https://hooks.example.com/a", "uid": B}).status_code == 200
+        assert a.post(f"/v1/users/developer/webhook/realtime_transcript/disable?uid={B}").status_code == 200
+        assert a.post(f"/v1/users/developer/webhook/audio_bytes/enable?uid={B}").status_code == 200
+        assert a.post(f"/v1/users/developer/webhook-signing-secret?uid={B}").status_code == 200
+        assert a.delete(f"/v1/users/developer/webhook-signing-secret?uid={B}").status_code == 200
+        assert a.post(f"/v1/users/fcm-token?uid={B}",
+                      json={"fcm_token": "a-token", "time_zone": "UTC", "uid": B}).status_code == 200
+        assert a.patch(f"/v1/users/daily-summary-settings?uid={B}", json={"hour": 9, "uid": B}).status_code == 200
+        assert a.get("/v1/users/developer/webhook/realtime_transcript").json() == {"url": "https://hooks.example.com/a"}
+        assert a.get("/v1/users/developer/webhooks/status").json()["realtime_transcript"] is False
+        assert a.get("/v1/users/daily-summary-settings").json() == {"enabled": True, "hour": 9}
+    assert b_settings(server) == before
