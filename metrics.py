@@ -112,4 +112,7 @@ router = APIRouter()
 async def metrics_endpoint(request: Request) -> PlainTextResponse:
     st = request.app.state
     gauges = {"active_streams": (float(getattr(st, "active_streams", 0)), "open /v4/listen streams")}
+    webhooks = getattr(st, "webhooks", None)
+    if webhooks is not None:
+        gauges["webhook_queued"] = (float(webhooks.queued()), "developer-webhook deliveries waiting or in flight")
     return PlainTextResponse(prometheus_text(gauges))

@@ -188,6 +188,8 @@ def test_four_users_fast_slow_failing_hanging(server, receivers):
         time.sleep(0.1)
     assert counted()[0] >= 13 and counted()[1] >= 26, counted()  # failing; fast + slow
     assert metric(server, "webhook_retries_total", type="audio_bytes") >= 13 * (ATTEMPTS - 1)
+    text = httpx.get(f"{server.http}/metrics", timeout=10).text
+    assert re.search(r"^omi_webhook_queued \d+$", text, re.M), text  # the hanging user's deliveries, still queued
 
     # the hanging receiver got requests, which time out (HTTP_GET_TIMEOUT=2 s) and are retried
     assert receivers["hanging"].wait_for(2, "/audio", timeout_s=30)
