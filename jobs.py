@@ -4,9 +4,11 @@ Jobs:
 - `sweep` every SWEEP_INTERVAL_S: close the conversations whose timeout passed (their client went away), and
   retake the closes a crash or a failure left `processing` once their lease (CONVERSATION_CLOSE_LEASE_S) ran out.
 - `daily_notifications` every NOTIFY_CHECK_INTERVAL_S: for each user, in the user's time zone (UTC when unknown),
-  a morning reminder at NOTIFY_MORNING_AT and, at NOTIFY_EVENING_AT, a summary of that local day's completed
-  conversations (none for a day without any). A notification is due when the check's time falls in
-  [at, at + interval): the checks are aligned (below), so exactly one check of each day lands in each window.
+  a morning reminder at NOTIFY_MORNING_AT and, at NOTIFY_EVENING_AT or the hour the user chose
+  (`notification_schedule`), a summary of that local day's completed conversations (none for a day without any,
+  none when the user turned it off), with the `day_summary` developer webhook. A notification is due when the
+  check's time falls in [at, at + interval): the checks are aligned (below), so exactly one check of each day lands
+  in each window.
 - `retention` once a day at 00:00 UTC when RETENTION_DAYS > 0: delete conversations started before now - days.
 - `prune_job_runs` once a day at 00:00 UTC: delete the job runs (the leases below) older than JOB_RUNS_KEEP_DAYS,
   keeping each job's latest finished run (a sweep every 30 s alone adds 2,880 a day).
@@ -38,7 +40,6 @@ import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from zoneinfo import ZoneInfo
 
 from apscheduler.events import EVENT_JOB_SUBMITTED, JobSubmissionEvent
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
@@ -48,17 +49,24 @@ from fastapi import APIRouter, HTTPException, Request
 from auth import AuthError
 from config import Settings
 from conversations import ConversationService, SweepIncomplete
+from notification_schedule import (
+    DAILY_SUMMARY_KEY,
+    DAY_S,
+    daily_summary_prefs,
+    due_day,
+    evening_time,
+    may_be_evening,
+    user_zone,
+)
 from notify import ChannelNotifier, Notifier
 from storage import Storage
 from storage.base import User
-from user_routes import DAILY_SUMMARY_KEY, daily_summary_prefs
 from webhooks.dispatcher import WebhookDispatcher
 from webhooks.types import WebhookType
 
 log = logging.getLogger(__name__)
 
 UTC = dt.UTC
-DAY_S = 86400.0
 NOTIFICATION_JOB = "notification"  # the lease "job" of single notifications (one row per user, day and kind)
 SUMMARY_TITLES = 5  # titles listed in the evening summary; the rest are counted
 MORNING = ("Good morning", "Keep your Omi on today to capture your conversations.")
@@ -80,25 +88,6 @@ class _Job:
 def instance_id() -> str:
     """This process as a lease owner: host, pid and a random part (pids repeat across containers)."""
     return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
-
-
-def user_zone(name: str | None) -> dt.tzinfo:
-    """The user's IANA time zone; UTC when it is missing or unknown."""
-    try:
-        return ZoneInfo(name) if name else UTC
-    except Exception:  # ZoneInfoNotFoundError, ValueError for malformed keys
-        return UTC
-
-
-def due_day(now: float, tz: dt.tzinfo, at: dt.time, window_s: float) -> dt.date | None:
-    """The local date whose `at` (in `tz`) lies in (now - window_s, now], i.e. now in [at, at + window); else None.
-    Yesterday is checked too, for a window that crosses local midnight."""
-    today = dt.datetime.fromtimestamp(now, tz).date()
-    for day in (today, today - dt.timedelta(days=1)):
-        slot = dt.datetime.combine(day, at, tzinfo=tz).timestamp()
-        if slot <= now < slot + window_s:
-            return day
-    return None
 
 
 def _iso(ts: float | None) -> str | None:
@@ -319,23 +308,13 @@ class JobRunner:
         return detail
 
     async def _evening_at(self, user: User, now: float, tz: dt.tzinfo) -> dt.time | None:
-        """The user's local time of the day summary, or None when they turned it off. Storage is read only when the
-        local time is at a full hour (every hour a user may choose starts one), not on every check."""
-        local = dt.datetime.fromtimestamp(now, tz)
-        since_hour = local.minute * 60 + local.second + local.microsecond / 1e6
-        default = self.settings.notify_evening_at
-        since_default = (local.hour * 3600 + since_hour
-                         - (default.hour * 3600 + default.minute * 60 + default.second)) % DAY_S
-        window = self.settings.notify_check_interval_s
-        if since_hour >= window and since_default >= window:
+        """The user's local time of the day summary, or None when they turned it off; storage is read only when
+        one may be due (`may_be_evening`), not on every check."""
+        s = self.settings
+        if not may_be_evening(now, tz, s.notify_evening_at, s.notify_check_interval_s):
             return None
-        prefs = daily_summary_prefs((await self.storage.get_user_settings(user.uid)).get(DAILY_SUMMARY_KEY),
-                                    self.settings)
-        if not prefs["enabled"]:
-            return None
-        if prefs["hour"] == self.settings.notify_evening_at.hour:
-            return self.settings.notify_evening_at
-        return dt.time(prefs["hour"], 0)
+        stored = (await self.storage.get_user_settings(user.uid)).get(DAILY_SUMMARY_KEY)
+        return evening_time(daily_summary_prefs(stored, s), s.notify_evening_at)
 
     async def _notify_once(self, user: User, tz: dt.tzinfo, kind: str, day: dt.date) -> str | None:
         """Send one notification under its own lease; the channel, or None (nothing to say, or sent elsewhere)."""

@@ -108,7 +108,8 @@ async def _serve_stream(client: WsClient, params: ListenParams, uid: str, st: An
             pending_max=s.storage_pending_max_segments, retry_on_close_s=s.storage_retry_on_close_s,
             write_timeout_s=s.storage_write_timeout_s, vad_runner=st.pool.run_vad, tail=tail,
             fixed_label=channel.label,
-            audio_tap=hooks.audio if hooks is not None and not links else None,  # the first (microphone) channel
+            # the audio_bytes webhook gets the first (microphone) channel
+            audio_tap=hooks.audio if hooks is not None and hooks.chunk_bytes and not links else None,
         )
         links.append(link)
         pipelines.append(link.pipeline)
@@ -160,13 +161,13 @@ async def _stream_webhooks(st: Any, uid: str) -> StreamWebhooks | None:
     except Exception as exc:
         log.warning("webhooks of %s off for this stream, settings unreadable: %s", uid, type(exc).__name__)
         return None
-    return hooks
+    return hooks if hooks.active else None
 
 
 def _tapped(emit, hooks: StreamWebhooks | None):
     """`emit` that also hands every segment list it sends to the real-time transcript webhook (queued, not
     awaited: a slow receiver never slows the stream)."""
-    if hooks is None:
+    if hooks is None or not hooks.transcript:
         return emit
 
     async def send(payload: Any) -> None:

@@ -19,12 +19,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable
 from urllib.parse import urlsplit
 
 import httpx
 
 from config import Settings
-from storage.base import User
+from storage.base import Storage, User
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +126,7 @@ class ChannelNotifier(Notifier):
 WEBHOOK_MESSAGE_TITLE = "Webhook says"  # Omi's title for a realtime-transcript webhook's answer (utils/webhooks.py)
 
 
-def webhook_message_notifier(storage, notifier: Notifier):
+def webhook_message_notifier(storage: Storage, notifier: Notifier) -> Callable[[str, str], Awaitable[None]]:
     """What the webhook dispatcher calls when a user's realtime-transcript webhook answers with a `message`: the
     user is notified of it, as Omi does (through FCM when configured, else the log). Failures are logged only."""
 

@@ -15,31 +15,18 @@ from __future__ import annotations
 
 import time
 from typing import Annotated
-from zoneinfo import ZoneInfo
 
 from fastapi import APIRouter, Depends, HTTPException, Request
 from pydantic import BaseModel, Field, field_validator
 
-from config import Settings
+from notification_schedule import DAILY_SUMMARY_KEY, TIME_ZONE_MAX_CHARS, daily_summary_prefs, known_zone
 from request_auth import user_uid
 from storage import Storage
 from storage.base import User
 
 router = APIRouter(tags=["notifications"])
 
-DAILY_SUMMARY_KEY = "daily_summary"  # user setting: {"enabled": bool, "hour": int}
 FCM_TOKEN_MAX_CHARS = 4096  # FCM registration tokens are ~160-200 characters; room for other push services
-TIME_ZONE_MAX_CHARS = 64
-
-
-def known_zone(name: str) -> str:
-    """`name` if it is an IANA time zone this machine knows; ValueError otherwise."""
-    try:
-        ZoneInfo(name)
-    except Exception:  # ZoneInfoNotFoundError, ValueError for malformed keys
-        shown = name[:TIME_ZONE_MAX_CHARS]
-        raise ValueError(f"unknown time zone {shown!r} (an IANA name, e.g. Europe/Berlin)") from None
-    return name
 
 
 class FcmTokenIn(BaseModel):
@@ -71,14 +58,6 @@ async def save_fcm_token(body: FcmTokenIn, uid: Uid, storage: Store) -> dict[str
     user.fcm_token, user.time_zone = body.fcm_token, body.time_zone
     await storage.save_user(user)
     return {"status": "Ok"}
-
-
-def daily_summary_prefs(stored: dict | None, settings: Settings) -> dict:
-    """The user's day-summary preference with the defaults filled in: {"enabled": bool, "hour": int}."""
-    stored = stored or {}
-    hour = stored.get("hour")
-    return {"enabled": stored.get("enabled") is not False,
-            "hour": hour if isinstance(hour, int) and 0 <= hour <= 23 else settings.notify_evening_at.hour}
 
 
 @router.get("/v1/users/daily-summary-settings", summary="Whether and when the evening day summary goes out")

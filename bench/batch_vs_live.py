@@ -91,15 +91,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--json", type=Path, help="write the results here")
     args = p.parse_args(argv)
-    base = load.parse_args(["--streams", str(args.streams), "--duration", str(args.duration), "--codec", "pcm16",
-                            "--idle-streams", "0", "--batch-seconds", "0",
-                            *[f"--server-env={kv}" for kv in args.server_env]])
-    for k, v in vars(base).items():  # load.py's settings for everything this script does not set itself
-        if not hasattr(args, k):
-            setattr(args, k, v)
-    args.streams_n = args.streams
-    args.streams = [args.streams]
-    return args
+    return load.one_step_args(args, args.server_env)
 
 
 def step_figures(r: dict[str, Any]) -> dict[str, Any]:

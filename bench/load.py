@@ -655,6 +655,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def one_step_args(args: argparse.Namespace, server_env: list[str]) -> argparse.Namespace:
+    """`args` of a script that runs `Bench` steps of `args.streams` pcm16 streams (batch_vs_live.py,
+    webhook_neighbours.py), completed with this script's defaults for everything it does not set, and `server_env`
+    (KEY=VALUE) as the server's settings; `streams_n` is N, `streams` the one-step list `Bench` takes."""
+    base = parse_args(["--streams", str(args.streams), "--duration", str(args.duration), "--codec", "pcm16",
+                       "--idle-streams", "0", "--batch-seconds", "0", *[f"--server-env={kv}" for kv in server_env]])
+    for k, v in vars(base).items():
+        if not hasattr(args, k) or k == "server_env":
+            setattr(args, k, v)
+    args.streams_n = args.streams
+    args.streams = [args.streams]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     codecs = ["pcm16", "opus"] if args.codec == "both" else [args.codec]

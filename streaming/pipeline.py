@@ -50,15 +50,13 @@ class FrameJob:
     job is out (`Pipeline._work` awaits it). The result: the VAD events, and the frames that could not be decoded
     as (frame number, why)."""
 
-    __slots__ = ("audio", "bad", "decoder", "events", "frames", "keep_audio", "samples", "vad")
+    __slots__ = ("audio", "bad", "decoder", "events", "frames", "samples", "vad")
 
-    def __init__(self, decoder: FrameDecoder, vad: StreamingVAD, frames: list[tuple[int, bytes]],
-                 keep_audio: bool = False) -> None:
+    def __init__(self, decoder: FrameDecoder, vad: StreamingVAD, frames: list[tuple[int, bytes]]) -> None:
         self.decoder = decoder
         self.vad = vad
         self.frames = frames
-        self.keep_audio = keep_audio  # the stream's audio tap wants the decoded audio (audio_bytes webhook)
-        self.audio: np.ndarray | None = None
+        self.audio = np.zeros(0, np.float32)  # the decoded 16 kHz audio (for the stream's audio tap)
         self.bad: list[tuple[int, str]] = []
         self.samples = 0  # 16 kHz samples decoded
         self.events: list[SpeechPcm | VadEvent] = []
@@ -75,8 +73,7 @@ class FrameJob:
                 decoded.append(audio)
         audio = np.concatenate(decoded) if len(decoded) > 1 else (decoded[0] if decoded else np.zeros(0, np.float32))
         self.samples = len(audio)
-        if self.keep_audio:
-            self.audio = audio
+        self.audio = audio
         return self.vad, self.vad.take(audio)
 
     def complete(self, probs: np.ndarray) -> FrameJob:
@@ -132,7 +129,6 @@ class Pipeline:
     ) -> None:
         self._decoder = decoder
         self._audio_tap = audio_tap  # called on the event loop with each run of decoded 16 kHz audio, in order
-        self._tail_audio = np.zeros(0, np.float32)
         self._vad = StreamingVAD(vad_backend, vad_params)
         self._run_vad = vad_runner or _run_alone
         self._emit = emit
@@ -182,10 +178,9 @@ class Pipeline:
         try:
             while self._inbox:
                 batch, self._inbox, self._inbox_bytes = self._inbox, [], 0
-                job = await self._run_vad(FrameJob(self._decoder, self._vad, batch, self._audio_tap is not None))
+                job = await self._run_vad(FrameJob(self._decoder, self._vad, batch))
                 self.stats.stream_samples += job.samples
-                if self._audio_tap is not None and job.audio is not None and len(job.audio):
-                    self._audio_tap(job.audio)
+                self._tap(job.audio)
                 await self._forward(job.events)
                 for index, problem in job.bad:
                     self.stats.bad_frames += 1
@@ -220,10 +215,13 @@ class Pipeline:
             raise errors[0]
 
     async def _flush_and_forward(self) -> None:
-        events = await asyncio.to_thread(self._flush)
-        if self._audio_tap is not None and len(self._tail_audio):  # on the loop: the tap is not thread-safe
-            self._audio_tap(self._tail_audio)
+        tail, events = await asyncio.to_thread(self._flush)
+        self._tap(tail)  # here, on the loop: the tap is not thread-safe
         await self._forward(events)
+
+    def _tap(self, audio: np.ndarray) -> None:
+        if self._audio_tap is not None and len(audio):
+            self._audio_tap(audio)
 
     async def _drain_writer(self) -> None:
         """The last transcripts are delivered by now: store what storage has not taken yet."""
@@ -232,12 +230,12 @@ class Pipeline:
 
     # -- steps --------------------------------------------------------------------------------------------------
 
-    def _flush(self) -> list[SpeechPcm | VadEvent]:
+    def _flush(self) -> tuple[np.ndarray, list[SpeechPcm | VadEvent]]:
+        """The decoder's last audio, and the VAD events it and the VAD's own flush make."""
         tail = self._decoder.flush()
         self.stats.stream_samples += len(tail)
-        self._tail_audio = tail
         events = self._vad.process(tail) if len(tail) else []
-        return _speech_as_pcm(events + self._vad.flush())
+        return tail, _speech_as_pcm(events + self._vad.flush())
 
     async def _forward(self, events: list[SpeechPcm | VadEvent]) -> None:
         for ev in events:

@@ -40,6 +40,14 @@ def setting_key(wtype: WebhookType) -> str:
     return f"webhook.{WebhookType(wtype).value}"
 
 
+def _signing(data: dict[str, dict]) -> dict | None:
+    """The user's signing record among their settings, when it holds a current secret."""
+    record = data.get(SIGNING_KEY)
+    if not isinstance(record, dict) or not isinstance(record.get("current"), str) or not record["current"]:
+        return None
+    return record
+
+
 def _as_datetime(ts: Any) -> datetime | None:
     """Unix seconds as the aware datetime Omi's routes answer with (JSON: ISO 8601)."""
     return datetime.fromtimestamp(ts, UTC) if isinstance(ts, int | float) else None
@@ -88,11 +96,6 @@ class UserWebhooks:
         finally:
             self._writes += 1  # a read that overlapped the write may have read the old value
             self._cache.pop(uid, None)
-
-    def invalidate(self, uid: str) -> None:
-        """Forget the cached settings of `uid` (after a write made elsewhere in this process)."""
-        self._writes += 1
-        self._cache.pop(uid, None)
 
     # -- URLs and switches -------------------------------------------------------------------------------------------
 
@@ -146,10 +149,7 @@ class UserWebhooks:
 
     async def _signing_record(self, uid: str, *, fresh: bool = False) -> dict | None:
         data = await self.storage.get_user_settings(uid) if fresh else await self._settings(uid)
-        record = data.get(SIGNING_KEY)
-        if not isinstance(record, dict) or not isinstance(record.get("current"), str) or not record["current"]:
-            return None
-        return record
+        return _signing(data)
 
     async def issue_secret(self, uid: str) -> dict:
         """A new secret, returned this once: {"secret", "created_at", "previous_valid_until"} (aware datetimes, as
@@ -204,6 +204,4 @@ class UserWebhooks:
                 url, interval = url.rpartition(",")[0], self.settings.webhook_audio_max_s
         if not url:
             return None
-        record = data.get(SIGNING_KEY)
-        valid = isinstance(record, dict) and isinstance(record.get("current"), str) and record["current"]
-        return Target(url=url, secrets=self._active_secrets(record if valid else None), audio_interval_s=interval)
+        return Target(url=url, secrets=self._active_secrets(_signing(data)), audio_interval_s=interval)

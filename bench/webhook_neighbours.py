@@ -1,8 +1,8 @@
 """Developer webhooks off the stream's path: slow and hanging receivers must not move other users' delivery times
 nor the live streams' segment latency. Three steps side by side on one server, figures printed (not a test).
 
-    .venv/bin/python bench/webhooks.py --streams 6 --duration 25
-    .venv/bin/python bench/webhooks.py --streams 4 --duration 20 --server-env WEBHOOK_MAX_CONCURRENT=2
+    .venv/bin/python bench/webhook_neighbours.py --streams 6 --duration 25
+    .venv/bin/python bench/webhook_neighbours.py --streams 4 --duration 20 --server-env WEBHOOK_MAX_CONCURRENT=2
 
 (The second: the requests in flight to all receivers together limited to 2, which one hanging user's two
 requests fill, each for HTTP_GET_TIMEOUT (30 s) per try: what the shared limit, 64 by default, holds at scale.)
@@ -289,14 +289,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.streams < 2:
         p.error("--streams: at least 2 (half of them are observed)")
     env = ["WEBHOOK_ALLOW_PRIVATE=true", "WEBHOOK_SETTINGS_CACHE_S=0", *args.server_env]  # the caller's win
-    base = load.parse_args(["--streams", str(args.streams), "--duration", str(args.duration), "--codec", "pcm16",
-                            "--idle-streams", "0", "--batch-seconds", "0", *[f"--server-env={kv}" for kv in env]])
-    for k, v in vars(base).items():  # load.py's settings for everything this script does not set itself
-        if not hasattr(args, k) or k == "server_env":
-            setattr(args, k, v)
-    args.streams_n = args.streams
-    args.streams = [args.streams]
-    return args
+    return load.one_step_args(args, env)
 
 
 def ratio(out: dict[str, Any], figure: str) -> float:
