@@ -139,7 +139,12 @@ class Settings(BaseSettings):
 
     # --- developer webhooks (Omi's pusher, folded in: webhooks/) ---
     webhook_allow_private: bool = False  # let users point webhooks at private, loopback and link-local addresses
-    webhook_max_concurrent: int = Field(default=64, ge=1)  # requests in flight to all receivers together
+    webhook_max_concurrent: int = Field(default=64, ge=1)  # requests in their first WEBHOOK_SLOW_AFTER_S, together
+    # a request unanswered after WEBHOOK_SLOW_AFTER_S leaves that limit for the slow lane (at most WEBHOOK_MAX_SLOW
+    # at once; a request that turns slow while it is full is cut off as a failed try), so slow and hanging receivers
+    # never hold the slots the others' deliveries need
+    webhook_slow_after_s: float = Field(default=2.0, gt=0)
+    webhook_max_slow: int = Field(default=256, ge=0)
     webhook_queue_max: int = Field(default=32, ge=1)  # deliveries waiting per user and webhook type; beyond: dropped
     webhook_queue_max_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)  # bytes waiting per user and type
     webhook_max_attempts: int = Field(default=3, ge=1)  # tries of one delivery (network errors, 5xx, 429)

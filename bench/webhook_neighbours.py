@@ -4,8 +4,9 @@ nor the live streams' segment latency. Three steps side by side on one server, f
     .venv/bin/python bench/webhook_neighbours.py --streams 6 --duration 25
     .venv/bin/python bench/webhook_neighbours.py --streams 4 --duration 20 --server-env WEBHOOK_MAX_CONCURRENT=2
 
-(The second: the requests in flight to all receivers together limited to 2, which one hanging user's two
-requests fill, each for HTTP_GET_TIMEOUT (30 s) per try: what the shared limit, 64 by default, holds at scale.)
+(The second: two shared request slots, which the slow and hanging users' requests hold for WEBHOOK_SLOW_AFTER_S
+(2 s) each before the slow lane takes them: what the limit, 64 by default, is at scale. Add
+`--server-env WEBHOOK_SLOW_AFTER_S=0.3` to see the slow lane keep the others' deliveries on time with 2 slots.)
 
 One real server process, `bench/load.py`'s set-up (the Deepgram-protocol test server with a fixed reply delay, N
 streams of real speech at real time, pcm16, latency "ours" as load.py measures it), run with

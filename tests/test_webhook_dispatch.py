@@ -484,6 +484,50 @@ async def test_requests_in_flight_are_limited_by_webhook_max_concurrent(rx, engi
     assert sorted(json.loads(r.body)["uid"] for r in rx.at("/gated")) == users
 
 
+async def test_hanging_receivers_give_their_slots_back_after_webhook_slow_after_s(rx, engine):
+    """One shared slot: three hanging users' requests each leave it after 0.2 s for the slow lane, so all three
+    reach their receiver and a fast user's deliveries go at once (with the slot held for the whole request the
+    hanging ones queued behind the first for HTTP_GET_TIMEOUT, and the fast user behind them)."""
+    hooks, dispatcher = engine(webhook_max_concurrent=1, webhook_slow_after_s=0.2, http_get_timeout=5.0)
+    rx.routes["/hang"] = hang
+    await hooks.set_url("fast", MEMORY, f"{rx.base}/fast")
+    for i in range(3):
+        await hooks.set_url(f"hang{i}", MEMORY, f"{rx.base}/hang")
+        dispatcher.submit_json(f"hang{i}", MEMORY, {"n": i})
+    await until(lambda: len(rx.at("/hang")) == 3, timeout=3.0)
+    latencies = []
+    for i in range(3):
+        sent = time.monotonic()
+        dispatcher.submit_json("fast", MEMORY, {"n": i})
+        await until(lambda i=i: len(rx.at("/fast")) > i, timeout=3.0)
+        latencies.append(rx.at("/fast")[-1].at - sent)
+    assert max(latencies) < 0.5, latencies
+    assert dispatcher._sender.slow == 3  # the hanging ones, still waiting in the slow lane
+
+
+async def test_a_full_slow_lane_cuts_off_the_request_that_turns_slow(rx, engine):
+    hooks, dispatcher = engine(webhook_slow_after_s=0.2, webhook_max_slow=1, webhook_max_attempts=1,
+                               http_get_timeout=5.0)
+    rx.routes["/hang"] = hang
+    rx.routes["/slow"] = slow(0.6)
+    counts = Counts()
+    for uid in ("first", "second"):
+        await hooks.set_url(uid, MEMORY, f"{rx.base}/hang")
+    dispatcher.submit_json("first", MEMORY, {"n": 1})
+    await until(lambda: dispatcher._sender.slow == 1)
+    started = time.monotonic()
+    dispatcher.submit_json("second", MEMORY, {"n": 2})
+    await until(lambda: counts(MEMORY, "failed") == 1, timeout=2.0)  # cut off at 0.2 s, not at the 5 s timeout
+    assert time.monotonic() - started < 1.0 and dispatcher._sender.slow == 1 and len(rx.at("/hang")) == 2
+    # a slow receiver (0.6 s) is delivered through the slow lane once it has room
+    await hooks.set_url("patient", MEMORY, f"{rx.base}/slow")
+    await dispatcher.aclose(0)  # the hanging one leaves the lane
+    hooks, dispatcher = engine(webhook_slow_after_s=0.2, webhook_max_slow=1, http_get_timeout=5.0)
+    dispatcher.submit_json("patient", MEMORY, {"n": 3})
+    await until(lambda: counts(MEMORY, "delivered") == 1, timeout=3.0)
+    assert len(rx.at("/slow")) == 1
+
+
 async def test_close_gives_queued_deliveries_their_grace(rx, engine):
     hooks, dispatcher = engine()
     rx.routes["/gated"] = gate

@@ -4,7 +4,8 @@ The live streams and the conversation and day-summary code hand it payloads with
 queue (`submit_transcript`, `submit_audio`, `submit_json`): no I/O, no awaiting, never an exception for a full
 queue. Each (user, webhook type) has an outbox (`outbox.Outbox`, bounded) and, while it holds anything, one task
 that delivers its items in order, so one user's slow receiver never holds up another's. Around each request: a
-process-wide limit of WEBHOOK_MAX_CONCURRENT requests, one shared connection pool (`sender.WebhookSender`), the
+process-wide limit of WEBHOOK_MAX_CONCURRENT requests (and a slow lane), one shared connection pool
+(`sender.WebhookSender`), the
 target (URL, on/off, signing secrets) looked up when the delivery starts (`UserWebhooks.target`, cached), the URL
 policy checked and the host resolved before every attempt unless WEBHOOK_ALLOW_PRIVATE (a host found public is
 remembered for a few seconds: `targets.PublicHosts`), retries with jittered

@@ -1,6 +1,12 @@
 """One delivery attempt over HTTP: the request as Omi sends it, signed when the target has secrets, on one shared
 connection pool, bounded in time and in what is read back.
 
+Requests in their first WEBHOOK_SLOW_AFTER_S share WEBHOOK_MAX_CONCURRENT slots; one still unanswered then gives
+its slot back and goes on in the slow lane (at most WEBHOOK_MAX_SLOW at once; when that is full it is cut off,
+`SlowLaneFull`, a failed try). A slot held for the whole request let as many hanging receivers as there are slots
+stop every user's deliveries (bench/webhook_neighbours.py with WEBHOOK_MAX_CONCURRENT=2: one hanging user held the
+others' audio up to 29 s).
+
 Every attempt is bounded three ways: httpx's per-phase timeouts (connect and answer: HTTP_GET_TIMEOUT; sending the
 body: HTTP_PUT_TIMEOUT), an overall deadline (connect + send + answer) so a receiver that drips its answer a byte
 at a time cannot hold a request forever, and at most MAX_ANSWER_BYTES of the answer read (the rest is not read).
@@ -85,12 +91,19 @@ def answer_message(raw: bytes) -> str | None:
     return message if isinstance(message, str) and len(message) >= MESSAGE_MIN_CHARS else None
 
 
+class SlowLaneFull(TimeoutError):
+    """A request turned slow while WEBHOOK_MAX_SLOW others were slow already: cut off (a failed try)."""
+
+
 class WebhookSender:
     def __init__(self, settings: Settings) -> None:
         get_s, put_s = settings.http_get_timeout, settings.http_put_timeout
         self.deadline_s = get_s + put_s + get_s  # connect + send the body + the answer
+        self.slow_after_s = settings.webhook_slow_after_s
+        self.max_slow = settings.webhook_max_slow
+        self.slow = 0  # requests in the slow lane now
         self._semaphore = asyncio.Semaphore(settings.webhook_max_concurrent)
-        n = settings.webhook_max_concurrent
+        n = settings.webhook_max_concurrent + settings.webhook_max_slow  # connections: both lanes
         # trust_env=False: no proxy or .netrc credentials from the environment go to users' receivers
         self._client = httpx.AsyncClient(
             timeout=httpx.Timeout(connect=get_s, read=get_s, write=put_s, pool=get_s),
@@ -104,11 +117,30 @@ class WebhookSender:
         headers = {"Content-Type": delivery.content_type, "Accept-Encoding": "identity", "User-Agent": USER_AGENT,
                    **signature_headers(body, target.secrets, uid=uid, event=delivery.wtype.value,
                                        delivery_id=delivery_id)}
-        async with self._semaphore, asyncio.timeout(self.deadline_s):
+        async with self._semaphore:
+            exchange = asyncio.ensure_future(self._exchange(url, body, headers, delivery.wtype))
+            try:
+                done, _ = await asyncio.wait({exchange}, timeout=self.slow_after_s)
+            except BaseException:
+                await _cancel(exchange)
+                raise
+        if done:
+            return exchange.result()
+        if self.slow >= self.max_slow:
+            await _cancel(exchange)
+            raise SlowLaneFull(f"{self.slow} requests slower than {self.slow_after_s:g} s already")
+        self.slow += 1
+        try:
+            return await exchange
+        finally:
+            self.slow -= 1
+
+    async def _exchange(self, url: httpx.URL, body: bytes, headers: dict[str, str], wtype: WebhookType) -> Answer:
+        async with asyncio.timeout(self.deadline_s):
             async with self._client.stream("POST", url, content=body, headers=headers) as response:
                 raw = await self._read_answer(response)
                 message = None
-                if response.status_code == 200 and delivery.wtype is WebhookType.realtime_transcript and raw:
+                if response.status_code == 200 and wtype is WebhookType.realtime_transcript and raw:
                     message = answer_message(raw)
                 return Answer(response.status_code, retry_after_seconds(response.headers.get("retry-after")),
                               message)
@@ -129,3 +161,8 @@ class WebhookSender:
 
     async def aclose(self) -> None:
         await self._client.aclose()
+
+
+async def _cancel(task: asyncio.Future) -> None:
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
