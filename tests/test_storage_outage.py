@@ -284,8 +284,11 @@ async def test_stream_opened_while_postgres_is_down_is_refused_then_works(
     await asyncio.to_thread(postgres.start)
     assert (await asyncio.to_thread(wait_ready, server))["storage"] is True
     frames = pcm16_frames(read_wav(SAMPLE_WAV)[6 * RATE : 10 * RATE])
-    result = await stream_frames(url, frames, headers=headers, until=lambda r: len(r.segments) >= 2, timeout_s=30)
-    assert not result.errors() and len(result.segments) >= 2
+    # the whole clip's speech comes back (its words end at about 3.1 s; in one segment or two, as the speaker
+    # tagging of these 4 s decides: waiting for two segments made this flaky)
+    result = await stream_frames(url, frames, headers=headers, timeout_s=30,
+                                 until=lambda r: any(seg["end"] >= 3.0 for seg in r.segments.values()))
+    assert not result.errors() and max(seg["end"] for seg in result.segments.values()) >= 3.0, result.segments
     assert "Traceback" not in server.log()
 
 
