@@ -188,20 +188,20 @@ def test_four_users_fast_slow_failing_hanging(server, receivers):
         (len(c.body), c.headers["x-omi-delivery"][:6], round(c.at, 2)) for c in slow_chunks]
 
     # the failing receiver: every delivery tried ATTEMPTS times with one delivery id, then counted failed
-    failing = receivers["failing"].wait_for(13 * ATTEMPTS, "/audio", timeout_s=60)
-    tries: dict[str, int] = {}
-    for r in failing:
-        tries[r.headers["x-omi-delivery"]] = tries.get(r.headers["x-omi-delivery"], 0) + 1
-    assert len(tries) == 13 and set(tries.values()) == {ATTEMPTS}
     def counted() -> tuple[float, float]:
         return (metric(server, "webhook_deliveries_total", type="audio_bytes", outcome="failed"),
                 metric(server, "webhook_deliveries_total", type="audio_bytes", outcome="delivered"))
 
-    for _ in range(100):  # the last answers (the slow receiver's, the failing one's last try) come a little later
+    for _ in range(600):  # the last answers (the slow receiver's, the failing one's last try) come a little later
         if counted()[0] >= 13 and counted()[1] >= 26:
             break
         time.sleep(0.1)
     assert counted()[0] >= 13 and counted()[1] >= 26, counted()  # failing; fast + slow
+    tries: dict[str, int] = {}
+    for r in receivers["failing"].received("/audio"):
+        tries[r.headers["x-omi-delivery"]] = tries.get(r.headers["x-omi-delivery"], 0) + 1
+    # (a try can die on a reused connection the receiver just closed, before it arrives: at most one here)
+    assert len(tries) == 13 and max(tries.values()) == ATTEMPTS and sum(tries.values()) >= 13 * ATTEMPTS - 1, tries
     assert metric(server, "webhook_retries_total", type="audio_bytes") >= 13 * (ATTEMPTS - 1)
     text = httpx.get(f"{server.http}/metrics", timeout=10).text
     assert re.search(r"^omi_webhook_queued \d+$", text, re.M), text  # the hanging user's deliveries, still queued
