@@ -10,7 +10,8 @@ from conftest import SAMPLE_WAV, pcm16_frames, read_wav, silence_frames, stream_
 
 from config import Settings
 from streaming.codecs import make_decoder, resample
-from streaming.stt import LocalRecognizer, to_pcm16
+from streaming.stt import to_pcm16
+from streaming.stt_local import LocalRecognizer
 from streaming.vad import SileroVad, SpeechAudio, SpeechEnd, StreamingVAD, VadParams
 
 # sample.rttm: speech from 6.69 s to 30.0 s, nothing before.

@@ -17,7 +17,8 @@ from deepgram_server import DeepgramTestServer
 import metrics
 from config import Settings
 from streaming.reconnect import ReplayBuffer, backoff_delay
-from streaming.stt import DeepgramSession, SttError, Transcript, to_int16, to_pcm16
+from streaming.stt import SttError, Transcript, to_int16, to_pcm16
+from streaming.stt_deepgram import DeepgramSession
 
 SR = 16000
 WORD_S = 0.5
