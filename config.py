@@ -83,6 +83,14 @@ class Settings(BaseSettings):
     vad_min_speech_ms: int = 100
     vad_max_speech_s: float = 30.0
     vad_normalize: bool = False
+    # /v1/vad's speech as it is (streaming/vad_batch.py), without the live gate's padding; chosen by leave-one-
+    # meeting-out cross-validation on the AMI excerpts (README "Voice activity detection", bench/vad_der.py).
+    vad_batch_onset: float = Field(default=0.15, ge=0, le=1)
+    vad_batch_offset: float = Field(default=0.15, ge=0, le=1)
+    vad_batch_min_speech_ms: int = Field(default=250, ge=0)
+    vad_batch_min_silence_ms: int = Field(default=1100, ge=0)
+    vad_batch_pad_ms: int = Field(default=125, ge=0)
+    vad_batch_smooth_frames: int = Field(default=1, ge=1)
 
     # --- speech to text ---
     stt_backend: Literal["deepgram", "local"] | None = None  # None: deepgram when a key is set, else local
@@ -184,6 +192,10 @@ class Settings(BaseSettings):
             self.stt_backend = "deepgram" if self.deepgram_api_key else "local"
         if self.vad_offset > self.vad_onset:
             raise ValueError("VAD_OFFSET must not exceed VAD_ONSET (hysteresis)")
+        if self.vad_batch_offset > self.vad_batch_onset:
+            raise ValueError("VAD_BATCH_OFFSET must not exceed VAD_BATCH_ONSET (hysteresis)")
+        if self.vad_batch_smooth_frames % 2 == 0:
+            raise ValueError("VAD_BATCH_SMOOTH_FRAMES must be odd (a centred median filter)")
         self.internal_network_list()  # a malformed INTERNAL_NETWORKS fails at start, not on the first call
         key = self.admin_key.get_secret_value() if self.admin_key is not None else ""
         if key and len(key) < ADMIN_KEY_MIN_CHARS:  # empty: not set (auth.py); the message never holds the key

@@ -1,5 +1,6 @@
-"""`POST /v1/vad` (wire-compatible with Omi's Modal function): the streaming VAD code over a whole upload, decoded
-and scored piece by piece (`streaming.file_vad`: memory independent of the file's length).
+"""`POST /v1/vad` (wire-compatible with Omi's Modal function): the speech of a whole upload as it is (no live-gate
+padding; VAD_BATCH_* settings), decoded and scored piece by piece (`streaming.file_vad`: memory independent of the
+file's length).
 
 Callers (`request_auth.caller_or_local`): with auth configured a user, the admin key or the internal caller (Omi's
 backend calls it with no credentials: configure it as the internal caller); in the loopback-only mode any loopback
@@ -16,6 +17,7 @@ from auth import Caller
 from batch_admission import batch_slot
 from request_auth import caller_or_local
 from streaming.file_vad import file_speech_regions
+from streaming.vad_batch import BatchVadParams
 from uploads import decode_in_worker, spooled_upload
 
 router = APIRouter()
@@ -33,5 +35,6 @@ async def vad(request: Request, file: Annotated[UploadFile, File(description="au
               _slot: Annotated[None, Depends(batch_slot)]):  # at most BATCH_MAX_CONCURRENT batch requests at once
     st = request.app.state
     source = spooled_upload(file, st.settings.max_upload_mb)
-    return await decode_in_worker(request, file_speech_regions, st.vad_backend, source, st.vad_params,
+    params = BatchVadParams.from_settings(st.settings)
+    return await decode_in_worker(request, file_speech_regions, st.vad_backend, source, params,
                                   st.settings.max_upload_seconds)

@@ -61,10 +61,10 @@ def child(path: str, mode: str) -> None:
     from config import Settings
     from streaming.audiofile import decode_audio_file
     from streaming.file_vad import file_speech_regions, speech_regions
-    from streaming.vad import SileroVad, VadParams
+    from streaming.vad import BatchVadParams, SileroVad
 
     settings = Settings(_env_file=None)
-    backend, params = SileroVad(), VadParams.from_settings(settings)
+    backend, params = SileroVad(), BatchVadParams.from_settings(settings)
     backend.warm_up()
     ready_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     started = time.perf_counter()

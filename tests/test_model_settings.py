@@ -32,7 +32,15 @@ from streaming.file_vad import speech_regions
 from streaming.model_source import redactor
 from streaming.pool import ModelPool
 from streaming.speaker import SpeechBrainEmbedder, load_embedder
-from streaming.vad import LazyVadBackend, PyannoteVad, SileroVad, StreamingVAD, VadParams, load_vad_backend
+from streaming.vad import (
+    BatchVadParams,
+    LazyVadBackend,
+    PyannoteVad,
+    SileroVad,
+    StreamingVAD,
+    VadParams,
+    load_vad_backend,
+)
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 SEGMENTATION_ID = "acme/tiny-segmentation"
@@ -301,7 +309,7 @@ async def test_lazy_server_loads_on_first_use(tmp_path: Path, sample: np.ndarray
         assert body["vad"] == "silero" and body["speaker"] == "resemblyzer" and not body["pool"]["loaded"]
 
         # The first /v1/vad loads the VAD and answers as the eager in-process code does.
-        expected = speech_regions(SileroVad(), sample, VadParams.from_settings(Settings(_env_file=None)))
+        expected = speech_regions(SileroVad(), sample, BatchVadParams.from_settings(Settings(_env_file=None)))
         r = httpx.post(f"{server.http}/v1/vad", files={"file": ("sample.wav", SAMPLE_WAV.read_bytes(), "audio/wav")},
                        timeout=120)
         assert r.status_code == 200, r.text
