@@ -36,6 +36,9 @@ import numpy as np
 import soundfile as sf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1] / "tests"))  # tests/reference.py
+
+from reference import annotations, speech_turns  # noqa: E402
 
 from config import Settings  # noqa: E402
 from streaming.pool import ModelPool  # noqa: E402
@@ -47,12 +50,8 @@ BATCH_SIZES = (1, 8, 32)
 
 
 def rttm_turns(rttm: Path) -> dict[str, list[tuple[float, float]]]:
-    out: dict[str, list[tuple[float, float]]] = {}
-    for line in rttm.read_text(encoding="utf-8").splitlines():
-        f = line.split()
-        if f and f[0] == "SPEAKER":
-            out.setdefault(f[1], []).append((float(f[3]), float(f[3]) + float(f[4])))
-    return out
+    """Every file's reference turns, read by pyannote.database (tests/reference.py)."""
+    return {name: speech_turns(rttm, name) for name in annotations(rttm)}
 
 
 def speech_clips(n: int, seconds: float) -> list[np.ndarray]:

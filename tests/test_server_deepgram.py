@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from conftest import AMI, SAMPLE_WAV, pcm16_frames, read_wav, silence_frames, start_server, stop_server, stream_frames
 from deepgram_server import ThreadedDeepgramTestServer
+from reference import speech_turns
 
 from config import Settings
 from streaming.vad import SileroVad, SpeechAudio, SpeechEnd, SpeechStart, StreamingVAD, VadParams
@@ -40,11 +41,7 @@ def audio() -> np.ndarray:
 
 def reference_speech() -> list[tuple[float, float]]:
     turns = [(6.69, 30.0)]  # sample.rttm: continuous speech from 6.69 s
-    for line in (AMI / "train.rttm").read_text(encoding="utf-8").splitlines():
-        f = line.split()
-        if f and f[1] == "trn08":
-            turns.append((AMI_OFFSET + float(f[3]), AMI_OFFSET + float(f[3]) + float(f[4])))
-    return turns
+    return turns + [(AMI_OFFSET + s, AMI_OFFSET + e) for s, e in speech_turns(AMI / "train.rttm", "trn08")]
 
 
 def expected_spans(audio: np.ndarray) -> tuple[list[tuple[int, np.ndarray]], int]:

@@ -11,17 +11,13 @@ import pytest
 import soundfile as sf
 from conftest import AMI, DATA, SAMPLE_WAV, pcm16_frames, read_wav, start_server, stop_server, stream_frames
 from deepgram_server import ThreadedDeepgramTestServer
+from reference import speaker_turns
 
 SR = 16000
 
 
 def rttm_turns(path, name: str) -> list[tuple[float, float, str]]:
-    out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        f = line.split()
-        if f and f[1] == name:
-            out.append((float(f[3]), float(f[3]) + float(f[4]), f[7]))
-    return out
+    return speaker_turns(path, name)  # (start, end, speaker), read by pyannote.database
 
 
 def speaker_at(turns, t: float) -> str | None:
