@@ -93,7 +93,7 @@ class Settings(BaseSettings):
     vad_batch_smooth_frames: int = Field(default=1, ge=1)
 
     # --- speech to text ---
-    stt_backend: Literal["deepgram", "local"] | None = None  # None: deepgram when a key is set, else local
+    stt_backend: Literal["deepgram", "local", "openai"] | None = None  # None: deepgram when a key is set, else local
     deepgram_api_key: SecretStr | None = None
     deepgram_url: str = "https://api.deepgram.com"
     deepgram_model: str = "nova-3"
@@ -104,6 +104,13 @@ class Settings(BaseSettings):
     stt_reconnect_max_s: float = Field(default=8.0, gt=0)  # backoff cap
     stt_reconnect_max_failures: int = Field(default=8, ge=1)  # quick failures in a row before the stream gives up
     stt_close_wait_s: float = Field(default=15.0, ge=0)  # at stream end, wait this long for a reconnect in progress
+    # STT_BACKEND=openai: an OpenAI-compatible /v1/audio/transcriptions server, one request per speech region
+    openai_stt_url: str | None = None  # base URL with /v1, e.g. http://localhost:8000/v1, https://api.openai.com/v1
+    openai_stt_api_key: SecretStr | None = None  # sent as a Bearer token; never logged
+    openai_stt_model: str = "whisper-1"
+    openai_stt_prompt: str | None = None  # optional vocabulary/style hint sent with every region
+    openai_stt_timeout_s: float = Field(default=60.0, gt=0)  # one request (a retried try starts a new one)
+    openai_stt_max_concurrent: int = Field(default=16, ge=1)  # requests in flight for the whole process
 
     # --- connections and uploads ---
     max_upload_mb: float = 100.0
@@ -190,6 +197,8 @@ class Settings(BaseSettings):
             self.sqlite_path = self.data_dir / "omi.sqlite3"
         if self.stt_backend is None:
             self.stt_backend = "deepgram" if self.deepgram_api_key else "local"
+        if self.stt_backend == "openai" and not self.openai_stt_url:
+            raise ValueError("STT_BACKEND=openai needs OPENAI_STT_URL (e.g. http://localhost:8000/v1)")
         if self.vad_offset > self.vad_onset:
             raise ValueError("VAD_OFFSET must not exceed VAD_ONSET (hysteresis)")
         if self.vad_batch_offset > self.vad_batch_onset:

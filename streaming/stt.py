@@ -6,6 +6,7 @@ samples. `SentTimeline` records where each sent span sits in the stream and maps
 Backends:
 - `deepgram` (`streaming/stt_deepgram.py`): Deepgram's live API over deepgram-sdk, reconnecting and replaying.
 - `local` (`streaming/stt_local.py`): pocketsphinx, offline, on a small shared pool of decoders.
+- `openai` (`streaming/stt_openai.py`): an OpenAI-compatible /v1/audio/transcriptions server, one request per region.
 """
 
 from __future__ import annotations
@@ -143,12 +144,21 @@ class SttFactory:
             from streaming.stt_local import LocalRecognizer
 
             self._recognizer = LocalRecognizer(lazy=settings.lazy_models)
+        self._transcriber = None
+        if self.backend == "openai":
+            from streaming.openai_transcriber import OpenAiTranscriber
+
+            self._transcriber = OpenAiTranscriber(settings)  # one pooled HTTP client for every stream
 
     def session(self, on_transcript: OnTranscript, language: str, on_error: OnError | None = None) -> SttSession:
         if self.backend == "deepgram":
             from streaming.stt_deepgram import DeepgramSession
 
             return DeepgramSession(on_transcript, self.settings, language, on_error)
+        if self.backend == "openai":
+            from streaming.stt_openai import OpenAiSession
+
+            return OpenAiSession(on_transcript, self.settings, language, self._transcriber, on_error)
         from streaming.stt_local import LocalSession
 
         assert self._recognizer is not None
