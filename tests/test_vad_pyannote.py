@@ -25,14 +25,17 @@ import soundfile as sf
 
 from config import Settings
 from streaming.vad import (
+    BatchVadParams,
     PyannoteVad,
     SpeechAudio,
     SpeechEnd,
     SpeechStart,
     StreamingVAD,
     VadParams,
+    batch_regions,
     load_vad_backend,
 )
+from streaming.vad_batch import speech_probabilities
 
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "sample.wav"
 WINDOW_S = 5.0  # model duration: the streaming window (segmentation-3.0 uses 10 s)
@@ -204,6 +207,25 @@ def test_streaming_vad_runs(vad: PyannoteVad, speech: np.ndarray) -> None:
         for s, e in zip(starts, ends, strict=True):
             assert 0 <= s.sample < e.sample <= len(speech)
     assert starts and sum(len(ev.audio) for ev in events if isinstance(ev, SpeechAudio)) == len(speech)
+
+
+def test_batch_vad_runs(vad: PyannoteVad, speech: np.ndarray) -> None:
+    """/v1/vad's path on the pyannote backend (0.5 s chunks, 10 ms frames): pieces that cut its chunks give the
+    probabilities of the whole signal, and the decision maps its frames back onto the signal's samples."""
+    whole = speech_probabilities(vad, [speech])
+    assert len(whole) == -(-len(speech) // CHUNK) * CHUNK // vad.frame_samples
+    step = 4801  # not a multiple of the chunk or the frame
+    pieces = speech_probabilities(vad, [speech[i : i + step] for i in range(0, len(speech), step)])
+    np.testing.assert_allclose(pieces, whole, atol=1e-5)
+    everything = BatchVadParams(onset=0.0, offset=0.0, min_speech_ms=0, min_silence_ms=0, pad_ms=0)
+    assert batch_regions(vad, [speech], everything) == [(0, len(speech))]
+    threshold = float(np.median(whole))  # an untrained model: about half its frames above, in many runs
+    bare = BatchVadParams(onset=threshold, offset=threshold, min_speech_ms=0, min_silence_ms=0, pad_ms=0)
+    regions = batch_regions(vad, [speech], bare)
+    assert len(regions) > 1
+    for s, e in regions:
+        assert s % vad.frame_samples == 0 and whole[s // vad.frame_samples] >= threshold
+        assert e == len(speech) or whole[e // vad.frame_samples] < threshold
 
 
 def test_hub_id_offline_fails_fast_without_leaking_the_token(
