@@ -42,8 +42,12 @@ import numpy as np
 import soundfile as sf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1] / "tests"))  # tests/reference.py
+
+from reference import speaker_turns  # noqa: E402
 
 from config import Settings  # noqa: E402
+from streaming.profile_match import Thresholds  # noqa: E402
 from streaming.speaker import (  # noqa: E402
     CLUSTER_ASSIGN_THRESHOLD,
     CLUSTER_MERGE_THRESHOLD,
@@ -62,12 +66,7 @@ AMI = DATA / "ami-debug"
 
 
 def turns(rttm: Path, name: str) -> list[tuple[float, float, str]]:
-    out = []
-    for line in rttm.read_text(encoding="utf-8").splitlines():
-        f = line.split()
-        if f and f[1] == name:
-            out.append((float(f[3]), float(f[3]) + float(f[4]), f[7]))
-    return sorted(out)
+    return sorted(speaker_turns(rttm, name))  # read by pyannote.database (tests/reference.py)
 
 
 def single_speaker_turns(ts: list[tuple[float, float, str]]) -> list[tuple[float, float, str]]:
@@ -271,7 +270,8 @@ def main() -> None:
     rows = []
     for threshold, margin, min_s in itertools.product(np.arange(0.55, 0.86, 0.05), [0.0, 0.02, 0.05, 0.1],
                                                       [0.8, 1.5, 3.0]):
-        rules = MatchRules(round(float(threshold), 2), margin, min_s)
+        raw = Thresholds(round(float(threshold), 2), margin)
+        rules = MatchRules(normalised=raw, cosine=raw, min_seconds=min_s)  # no cohort here: raw cosines
         results = [(index.match(emb, sec, rules), truth) for emb, sec, truth in tests]
         ok = [(m.profile_id if m else None) == truth for m, truth in results]
         known = [o for o, (_, t) in zip(ok, results, strict=True) if t is not None]

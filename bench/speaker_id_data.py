@@ -96,7 +96,7 @@ def single_speaker(turns: list[tuple[float, float, str]], lo: float, hi: float) 
     return sorted(out)
 
 
-def test_pieces(stretches: list[tuple[float, float, str]]) -> list[tuple[float, float, str]]:
+def turn_pieces(stretches: list[tuple[float, float, str]]) -> list[tuple[float, float, str]]:
     """The 1-5 s test turns of an excerpt's single-speaker stretches (see the module's docstring)."""
     out, k = [], 0
     for a, b, spk in stretches:
@@ -140,7 +140,7 @@ def build(settings: Settings) -> tuple[list[Enrolment], list[Turn]]:
             if len(speech) >= MIN_ENROL_S * SAMPLE_RATE:
                 rows = embedder.embed_batch(enrol_pieces(speech))
                 enrolments.append(Enrolment(ex.name, spk, rows, len(speech) / SAMPLE_RATE))
-        for a, b, spk in test_pieces(pieces):
+        for a, b, spk in turn_pieces(pieces):
             speech = speech_of(vad, params, audio[int(a * SAMPLE_RATE) : int(b * SAMPLE_RATE)])
             emb = embedder.embed_batch([speech])[0] if len(speech) >= embedder.min_samples else None
             turns.append(Turn(ex.name, spk, a, b, len(speech) / SAMPLE_RATE, emb))
@@ -176,11 +176,32 @@ def cached(settings: Settings) -> tuple[list[Enrolment], list[Turn], str]:
     return enrolments, turns, embedder_name(settings)
 
 
+COHORT_EXCERPTS = ("trn01", "trn02", "trn03", "trn04", "trn05", "sampleA", "sampleB")  # none of trn06-09's speakers
+
+
+def write_cohort(enrolments: list[Enrolment], turns: list[Turn], model: str, path: Path) -> int:
+    """The server's background cohort (streaming/profile_match.py): every enrolment row and embedded test turn of
+    COHORT_EXCERPTS (3 s pieces and 1-5 s turns, as profiles and segments are), with the embedder's name. Returns
+    its size."""
+    rows = [r for e in enrolments if e.excerpt in COHORT_EXCERPTS for r in e.rows]
+    rows += [t.embedding for t in turns if t.excerpt in COHORT_EXCERPTS and t.embedding is not None]
+    speakers = sorted({e.speaker for e in enrolments if e.excerpt in COHORT_EXCERPTS}
+                      | {t.speaker for t in turns if t.excerpt in COHORT_EXCERPTS})
+    np.savez_compressed(path, model=np.array(model), embeddings=np.stack(rows).astype(np.float32),
+                        source=np.array(f"bench/speaker_id_data.py --write-cohort: {', '.join(COHORT_EXCERPTS)} "
+                                        f"of the shared data; {len(speakers)} speakers"))
+    return len(rows)
+
+
 if __name__ == "__main__":
     import time
 
     t0 = time.perf_counter()
     es, ts, name = cached(Settings())
+    if "--write-cohort" in sys.argv:
+        from streaming.profile_match import COHORT_PATH
+
+        print(f"wrote {COHORT_PATH}: {write_cohort(es, ts, name, COHORT_PATH)} embeddings")
     print(f"{name}: {len(es)} enrolment sources, {len(ts)} turns of 1-5 s ({time.perf_counter() - t0:.1f} s)")
     for e in es:
         print(f"  enrol {e.excerpt} {e.speaker}: {e.seconds:.1f} s, {len(e.rows)} rows")

@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.speaker_id_data import Enrolment, Turn, cached  # noqa: E402
 from config import Settings  # noqa: E402
+from streaming.profile_match import MATCH_RULES, ProfileIndex  # noqa: E402
 
 PRECISION_TARGET = 0.95
 STRANGER_FAR_MAX = 0.01
@@ -296,12 +297,41 @@ def main() -> None:
            "fixed")
     for name, how, norm, k, slopes in METHODS:
         scores = trial_scores(trials, enrolments, turns, cohort, fixed, how, norm, k)
-        accept, chosen = cross_validate(trials, scores, slopes, KNEE_S, 0.0)
+        accept, chosen = cross_validate(trials, scores, slopes, KNEE_S, MATCH_RULES.min_seconds)
         ths = [c[1] for c in chosen]
         text = f"threshold {np.median(ths):.2f} ({min(ths):.2f}-{max(ths):.2f})"
         if len(slopes) > 1:
             text += " slope " + ",".join(f"{c[2]:g}" for c in chosen)
         report(name, trials, lengths, scores, accept, text)
+    scores, accept = server_rule(trials, enrolments, turns, cohort, fixed, normalised=False)
+    report("server: cosine >= 0.80 from 1 s", trials, lengths, scores, accept, "fixed (MATCH_RULES)")
+    scores, accept = server_rule(trials, enrolments, turns, cohort, fixed, normalised=True)
+    report("s-norm >= 3.6 from 1 s (not shipped)", trials, lengths, scores, accept, "fixed (MATCH_RULES)")
+
+
+def server_rule(trials: Trials, enrolments: list[Enrolment], turns: list[Turn], cohort: Cohort,
+                fixed: np.ndarray | None, normalised: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The server's own code on every trial: a one-profile `ProfileIndex` (the enrolment's centroid) and
+    `MATCH_RULES`; `normalised`: with the trial's cohort (as `trial_scores` leaves it out) or the shipped one, else
+    without a cohort (what the server runs)."""
+    speakers_in: dict[str, set[str]] = {}
+    for t in turns:
+        speakers_in.setdefault(t.excerpt, set()).add(t.speaker)
+    scores = np.full(len(trials.target), -np.inf)
+    accept = np.zeros(len(trials.target), bool)
+    for n, (i, j) in enumerate(zip(trials.enrol_idx, trials.turn_idx, strict=True)):
+        e, t = enrolments[i], turns[j]
+        if fixed is None:
+            banned = list(speakers_in.get(e.excerpt, set()) | {e.speaker} | speakers_in[t.excerpt])
+            c = cohort.embeddings[~np.isin(cohort.excerpts, [e.excerpt, t.excerpt])
+                                  & ~np.isin(cohort.speakers, banned)]
+        else:
+            c = fixed
+        index = ProfileIndex(["p"], ["user"], unit(e.rows.mean(0))[None].astype(np.float32), c if normalised else None)
+        if t.embedding is not None:
+            scores[n] = float(index.scores(t.embedding)[0])
+            accept[n] = index.match(t.embedding, t.seconds, MATCH_RULES) is not None
+    return scores, accept
 
 
 if __name__ == "__main__":

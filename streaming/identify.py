@@ -1,6 +1,6 @@
-"""`/v1/speaker-identification`'s work: the live tagger's windows and matching rules over given segments of a file.
-Its embeddings go into the speaker pool's batch lane (`pool.BATCH`): served when no live window waits, never
-counted as live saturation."""
+"""`/v1/speaker-identification`'s work: the live tagger's matching rules (`profile_match`: s-norm against the shipped
+cohort, `MATCH_RULES`) over given segments of a file. Its embeddings go into the speaker pool's batch lane
+(`pool.BATCH`): served when no live window waits, never counted as live saturation."""
 
 from __future__ import annotations
 
@@ -11,9 +11,8 @@ from typing import Any
 import numpy as np
 
 from streaming.pool import BATCH
-from streaming.speaker import MatchRules, ProfileIndex
+from streaming.profile_match import MatchRules, ProfileIndex
 from streaming.stt import SAMPLE_RATE
-from streaming.tagging import MIN_WINDOW_S
 from streaming.vad import VadBackend, VadParams, detect_regions
 
 
@@ -31,7 +30,8 @@ class SegmentIdentifier:
         self.rules = rules
 
     def _windows(self, audio: np.ndarray, spans: list[tuple[float, float]]) -> list[tuple[list[np.ndarray], float]]:
-        """Blocking: per segment, its speech (VAD-trimmed) as one clip ([] if too little), and its seconds."""
+        """Blocking: per segment, its speech (VAD-trimmed) as one clip ([] if under the rules' `min_seconds`: it could
+        not match, so it is not embedded), and its seconds."""
         out = []
         length_s = len(audio) / SAMPLE_RATE
         for start, end in spans:
@@ -40,7 +40,7 @@ class SegmentIdentifier:
             regions = detect_regions(self._vad_backend, clip, self._vad_params) if len(clip) else []
             speech = np.concatenate([clip[s:e] for s, e in regions]) if regions else clip[:0]
             seconds = len(speech) / SAMPLE_RATE
-            if seconds < MIN_WINDOW_S:
+            if seconds < self.rules.min_seconds:
                 out.append(([], seconds))
                 continue
             out.append(([speech], seconds))  # the whole speech: the embedder averages its own windows over it

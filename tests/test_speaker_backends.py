@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-import streaming.speaker as speaker
+import streaming.embedders as embedders
 from config import Settings
 from streaming.speaker import (
     SAMPLE_RATE,
@@ -408,7 +408,7 @@ def test_speaker_precision_auto_resolves_as_documented(monkeypatch, caplog):
         cpu_native_bf16.cache_clear()
 
     # the loader: auto on the CPU gives what resolve says, logs it, keeps the name
-    with caplog.at_level("INFO", logger=speaker.__name__):
+    with caplog.at_level("INFO", logger=embedders.__name__):  # ResemblyzerEmbedder logs from streaming.embedders
         embedder = load_embedder(Settings(_env_file=None, speaker_backend="resemblyzer", model_device="cpu",
                                           speaker_precision="auto"))
     assert embedder.precision == ("bfloat16" if native else "float32") and embedder.name == "resemblyzer"
