@@ -233,7 +233,8 @@ def detect_regions(
     audio: np.ndarray,
     params: VadParams = VadParams(),  # noqa: B008 (frozen dataclass)
 ) -> list[tuple[int, int]]:
-    """Batch mode: speech regions of a whole signal as (start, end) sample pairs, same code as streaming.
+    """The live gate over a whole clip: its speech regions as (start, end) sample pairs, padded as a stream's
+    (the clips speaker samples and identification cut; `/v1/vad` answers `vad_batch` instead).
 
     Regions shorter than `min_speech_ms` (without their padding) are dropped here; a live stream cannot take back
     audio it already sent, so streaming keeps them. Touching regions (speech resumed right where the hangover of
