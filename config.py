@@ -93,7 +93,8 @@ class Settings(BaseSettings):
     vad_batch_smooth_frames: int = Field(default=1, ge=1)
 
     # --- speech to text ---
-    stt_backend: Literal["deepgram", "local", "openai"] | None = None  # None: deepgram when a key is set, else local
+    # None: deepgram when a key is set, else local
+    stt_backend: Literal["deepgram", "local", "openai", "whisper"] | None = None
     deepgram_api_key: SecretStr | None = None
     deepgram_url: str = "https://api.deepgram.com"
     deepgram_model: str = "nova-3"
@@ -114,6 +115,13 @@ class Settings(BaseSettings):
 
     # --- connections and uploads ---
     max_upload_mb: float = 100.0
+    # STT_BACKEND=whisper: faster-whisper (CTranslate2) in process, regions of all streams batched on one model
+    whisper_model: str = "Systran/faster-whisper-small"  # Hugging Face id (CTranslate2 conversion) or local directory
+    whisper_compute_type: str = "auto"  # CTranslate2 compute type; auto: int8 on CPU, float16 on CUDA
+    whisper_beam_size: int = Field(default=5, ge=1)
+    whisper_batch_size: int = Field(default=8, ge=1)  # regions (30 s windows) in one model call
+    whisper_max_wait_ms: float = Field(default=20.0, ge=0)  # after a first region, wait this long for batch mates
+    whisper_cpu_threads: int = Field(default=0, ge=0)  # CTranslate2 threads on CPU; 0: one per core
     max_upload_seconds: float = 4 * 3600.0
     max_json_body_kb: float = Field(default=1024.0, gt=0)  # a non-upload (JSON) request body; 413 above
     # Batch requests (/v1/vad, /v1/speaker-identification) running at once; as many more may wait up to
