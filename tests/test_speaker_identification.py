@@ -74,10 +74,10 @@ def test_user_enrolled_from_one_excerpt_is_found_in_short_turns_of_another(serve
     # Strangers only from trn07/trn08: the server's cohort is made of trn01-05 and sample.wav, and asking about audio
     # whose own embedding is in the cohort would flatter the rejection. Few trials: a floor, not a figure.
     assert len(mine) >= 8 and len(others) >= 6
-    # The old rule (centroid cosine >= 0.80 from 1.5 s of speech) found 5 of these 8 turns and could not answer the
-    # 1.2 s one at all; from 1 s of speech the same threshold finds 6 (bench/speaker_id_eval.py).
-    assert recall >= 0.7, own
-    assert any(t[3] for t in mine if t[1] - t[0] < 1.5), "a turn under 1.5 s of the user is recognised"
+    # Cosine >= 0.80 from 1.5 s of speech finds 5 of these 8 turns (bench/speaker_id_eval.py; answering 1-1.5 s
+    # turns found a 6th but named an overlapped trn08 turn wrongly, see streaming/profile_match.py). A do-nothing
+    # identifier scores 0.
+    assert recall >= 0.6, own
     # One stranger's turn (FEE088, 1.5 s, cosine 0.802) passes the old rule and this one alike; no more may.
     assert sum(t[3] for t in others) <= 1, "nobody else is taken for the user"
 
