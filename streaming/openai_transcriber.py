@@ -181,7 +181,7 @@ class OpenAiTranscriber:
             try:
                 response = await client.post(self.url, data=self._form(language), files=files)
             except httpx.TimeoutException:
-                raise TranscriptionFailed("retry", f"no answer in {self._timeout_s:.0f} s") from None
+                raise TranscriptionFailed("retry", f"no answer in {self._timeout_s:g} s") from None
             except httpx.HTTPError as exc:  # connection refused or dropped: the message never holds the key
                 raise TranscriptionFailed("retry", f"connection failed ({type(exc).__name__})") from None
         return self._words(response, duration_s)
