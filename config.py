@@ -112,9 +112,6 @@ class Settings(BaseSettings):
     openai_stt_prompt: str | None = None  # optional vocabulary/style hint sent with every region
     openai_stt_timeout_s: float = Field(default=60.0, gt=0)  # one request (a retried try starts a new one)
     openai_stt_max_concurrent: int = Field(default=16, ge=1)  # requests in flight for the whole process
-
-    # --- connections and uploads ---
-    max_upload_mb: float = 100.0
     # STT_BACKEND=whisper: faster-whisper (CTranslate2) in process, regions of all streams batched on one model
     whisper_model: str = "Systran/faster-whisper-small"  # Hugging Face id (CTranslate2 conversion) or local directory
     whisper_compute_type: str = "auto"  # CTranslate2 compute type; auto: int8 on CPU, float16 on CUDA
@@ -122,6 +119,9 @@ class Settings(BaseSettings):
     whisper_batch_size: int = Field(default=8, ge=1)  # regions (30 s windows) in one model call
     whisper_max_wait_ms: float = Field(default=20.0, ge=0)  # after a first region, wait this long for batch mates
     whisper_cpu_threads: int = Field(default=0, ge=0)  # CTranslate2 threads on CPU; 0: one per core
+
+    # --- connections and uploads ---
+    max_upload_mb: float = 100.0
     max_upload_seconds: float = 4 * 3600.0
     max_json_body_kb: float = Field(default=1024.0, gt=0)  # a non-upload (JSON) request body; 413 above
     # Batch requests (/v1/vad, /v1/speaker-identification) running at once; as many more may wait up to

@@ -7,8 +7,8 @@ Backends:
 - `deepgram` (`streaming/stt_deepgram.py`): Deepgram's live API over deepgram-sdk, reconnecting and replaying.
 - `local` (`streaming/stt_local.py`): pocketsphinx, offline, on a small shared pool of decoders.
 - `openai` (`streaming/stt_openai.py`): an OpenAI-compatible /v1/audio/transcriptions server, one request per region.
-"""
 - `whisper` (`streaming/stt_whisper.py`): faster-whisper in process, regions of all streams batched on one model.
+"""
 
 from __future__ import annotations
 
@@ -150,13 +150,13 @@ class SttFactory:
             from streaming.openai_transcriber import OpenAiTranscriber
 
             self._transcriber = OpenAiTranscriber(settings)  # one pooled HTTP client for every stream
-
-    def session(self, on_transcript: OnTranscript, language: str, on_error: OnError | None = None) -> SttSession:
         self._whisper = None
         if self.backend == "whisper":
             from streaming.stt_whisper import WhisperRecognizer
 
             self._whisper = WhisperRecognizer(settings)  # one model and batching worker for every stream
+
+    def session(self, on_transcript: OnTranscript, language: str, on_error: OnError | None = None) -> SttSession:
         if self.backend == "deepgram":
             from streaming.stt_deepgram import DeepgramSession
 
@@ -165,12 +165,12 @@ class SttFactory:
             from streaming.stt_openai import OpenAiSession
 
             return OpenAiSession(on_transcript, self.settings, language, self._transcriber, on_error)
-        from streaming.stt_local import LocalSession
-
         if self.backend == "whisper":
             from streaming.stt_whisper import WhisperSession
 
             assert self._whisper is not None
             return WhisperSession(on_transcript, self._whisper, language, on_error)
+        from streaming.stt_local import LocalSession
+
         assert self._recognizer is not None
         return LocalSession(on_transcript, self._recognizer)
