@@ -116,3 +116,32 @@ def test_a_failed_model_download_logs_no_token(tmp_path):
     log = "\n".join(p.read_text(errors="replace") for p in tmp_path.glob("server-*.log"))
     assert "could not load pyannote segmentation model 'pyannote/segmentation-3.0'" in log, str(failed.value)
     assert HF_TOKEN not in log
+
+
+async def test_the_openai_stt_key_is_never_logged(tmp_path):
+    """STT_BACKEND=openai at DEBUG (httpx logs every request): the key reaches the transcription server in the
+    header, a 500 before it is retried, and a 401 whose message repeats the key (as OpenAI echoes a masked one)
+    makes the stream give up: the key is in none of the server's log lines."""
+    from openai_stt_server import Fault, OpenAISttTestServer
+
+    key = "sk-openai-stt-4c8e1a9b27"
+    with OpenAISttTestServer(api_key=key) as stt:
+        stt.script(Fault(status=500))
+        server = start_server(tmp_path, STT_BACKEND="openai", OPENAI_STT_URL=stt.base_url, OPENAI_STT_API_KEY=key,
+                              LOG_LEVEL="DEBUG", STT_RECONNECT_BASE_S="0.05")
+        try:
+            audio = read_wav(SAMPLE_WAV)[6 * 16000 : 13 * 16000]
+            url = f"{server.ws}/v4/listen?codec=pcm16&sample_rate=16000"
+            result = await stream_frames(url, pcm16_frames(audio), until=lambda r: len(r.segments) > 0, timeout_s=60)
+            assert result.segments and not result.errors(), server.log_tail()
+            stt.api_key = "sk-the-server-wants-another"  # the next request is refused, its message holds our key
+            await stream_frames(url, pcm16_frames(audio), timeout_s=20,
+                                until=lambda r: any(q.status == 401 for q in stt.requests))
+        finally:
+            stop_server(server)
+    assert [q.status for q in stt.requests][:2] == [500, 200] and 401 in [q.status for q in stt.requests]
+    assert all(q.headers["authorization"] == f"Bearer {key}" for q in stt.requests)  # the key was really used
+    assert any(key in q.answer["error"]["message"] for q in stt.requests if q.status == 401)
+    log = server.log()
+    assert "HTTP 500" in log and "HTTP 401" in log  # the error paths were logged ...
+    assert key not in log  # ... without the key
