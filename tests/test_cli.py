@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import soundfile
 from conftest import DATA, REPO, SAMPLE_WAV, start_server
-from reference import speaker_turns
+from reference import annotations
 from server_process import stop_server
 
 CLI = [sys.executable, "-m", "omi_cli"]
@@ -109,9 +109,11 @@ def test_vad_prints_the_servers_regions_as_rttm_json_and_locally(local_server):
 def test_enrol_then_identify_finds_the_user(local_server, tmp_path):
     """Enrol speaker90 (sample.wav's first speaker) from its own turns, then ask about one turn of each speaker."""
     audio, rate = soundfile.read(SAMPLE_WAV, dtype="float32")
-    by_speaker: dict[str, list[tuple[float, float]]] = {}
-    for start, end, who in speaker_turns(DATA / "sample.rttm", "sample"):
-        by_speaker.setdefault(who, []).append((start, end))
+    reference = annotations(DATA / "sample.rttm")["sample"]
+    overlap = reference.get_overlap()
+    # Each speaker's speech where nobody else speaks: an overlapped turn would carry the other voice.
+    by_speaker = {who: [(seg.start, seg.end) for seg in reference.label_timeline(who).extrude(overlap)
+                        if seg.duration > 0.5] for who in reference.labels()}
     speakers = sorted(by_speaker, key=lambda k: -sum(e - s for s, e in by_speaker[k]))
     user = speakers[0]
     enrol_clip = np.concatenate([audio[int(s * rate) : int(e * rate)] for s, e in by_speaker[user]])
@@ -128,10 +130,15 @@ def test_enrol_then_identify_finds_the_user(local_server, tmp_path):
     assert done.returncode == 0, done.stderr
     rows = [json.loads(line) for line in done.stdout.splitlines()]
     assert [r["is_user"] for r in rows] == [True, False], rows
-    # A person's sample: created by name, then a second call adds to the same person.
-    first = run_cli("enrol", str(enrol_path), "--person", "Ada Lovelace", "--url", local_server.http,
+    # A person's samples (two different halves of the voice: the same clip twice adds nothing new): created by
+    # name, then the second call adds to the same person.
+    halves = []
+    for i, half in enumerate((enrol_clip[: len(enrol_clip) // 2], enrol_clip[len(enrol_clip) // 2 :])):
+        halves.append(tmp_path / f"half{i}.wav")
+        soundfile.write(halves[-1], half, rate)
+    first = run_cli("enrol", str(halves[0]), "--person", "Ada Lovelace", "--url", local_server.http,
                     "--token", token)
-    second = run_cli("enrol", str(enrol_path), "--person", "Ada Lovelace", "--url", local_server.http,
+    second = run_cli("enrol", str(halves[1]), "--person", "Ada Lovelace", "--url", local_server.http,
                      "--token", token)
     assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
     a, b = json.loads(first.stdout), json.loads(second.stdout)
