@@ -6,7 +6,8 @@ the Omi app lists, opens, finishes, relabels and deletes them here. The uid come
   as the app sends it) is Omi's default `processing,completed`; no `statuses` at all is every status (Omi's older
   backends, and our own API before). `include_discarded=true` and `limit=100` as Omi. Our older `status` (one
   stored status, "discarded" included) and `before` (epoch seconds, exclusive) still work.
-- `GET /v1/conversations/{id}` → Conversation.
+- `GET /v1/conversations/{id}` → Conversation; `?format=json|txt|srt|vtt|rttm` → its transcript as that file
+  (`transcript_export.py`), speakers named "You", the person's name, or `SPEAKER_n`.
 - `POST /v1/conversations` → finishes the user's in-progress conversation now (as the sweep would) →
   `{"conversation", "memory", "messages": []}` (the current and mid-2025 apps read `conversation`, older ones
   `memory`); 404 when there is none.
@@ -31,6 +32,7 @@ from pydantic import BaseModel, Field, StringConstraints
 from conversation_wire import conversation_json, storage_statuses
 from request_auth import user_uid
 from storage.base import ConversationStatus
+from transcript_export import MEDIA_TYPES, render
 
 router = APIRouter()
 
@@ -102,10 +104,25 @@ async def list_conversations(
     return await _with_transcripts(request.app.state.storage, uid, found)
 
 
-@router.get("/v1/conversations/{conversation_id}", summary="One conversation with its transcript, in Omi's shape")
+@router.get("/v1/conversations/{conversation_id}",
+            summary="One conversation with its transcript, in Omi's shape, or its transcript as a file",
+            responses={200: {"content": {t: {} for t in set(MEDIA_TYPES.values())},
+                             "description": "Omi's Conversation JSON; with `format`, the transcript as that file"}})
 @router.get("/v1/memories/{conversation_id}", include_in_schema=False)
-async def get_conversation(request: Request, uid: Uid, conversation_id: str) -> dict:
-    return await _found(request, uid, conversation_id)
+async def get_conversation(
+        request: Request, uid: Uid, conversation_id: str,
+        format: Annotated[Literal["json", "txt", "srt", "vtt", "rttm"] | None,  # noqa: A002 (the API's name)
+                          Query(description="absent: Omi's Conversation JSON; else the transcript as a file: json "
+                                            "(segments with speaker names), txt, srt, vtt or rttm")] = None,
+) -> Any:
+    found = await _found(request, uid, conversation_id)
+    if format is None:
+        return found
+    # Names for the people the transcript mentions: the user's own people only.
+    names = {p.id: p.name for p in await request.app.state.storage.list_profiles(uid) if p.kind == "person"}
+    body = render(found["transcript_segments"], format, file_id=conversation_id, names=names)
+    return Response(body, media_type=MEDIA_TYPES[format],
+                    headers={"Content-Disposition": f'attachment; filename="{conversation_id}.{format}"'})
 
 
 @router.post("/v1/conversations", summary="Finish the user's in-progress conversation now")
