@@ -363,7 +363,7 @@ class JobRunner:
 
 # --- the route ---------------------------------------------------------------------------------------------------
 
-router = APIRouter(tags=["jobs"])
+router = APIRouter()
 
 
 @router.get("/v1/jobs", summary="Scheduled jobs: next run and last result (admin key only)")

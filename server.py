@@ -33,6 +33,7 @@ import conversation_routes  # noqa: E402
 import jobs  # noqa: E402
 import metrics  # noqa: E402
 import omi_profile_routes  # noqa: E402
+import openapi_docs  # noqa: E402
 import people_routes  # noqa: E402
 import user_routes  # noqa: E402
 import vad_routes  # noqa: E402
@@ -113,22 +114,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="Omi unified audio server", version="0.1.0", lifespan=lifespan)
     app.add_middleware(UploadGuard)  # body limits and caller checks before a request's body is read
     app.add_middleware(RouteErrors)  # outermost: a route's unexpected failure is a JSON 503 (storage down) or 500
-    app.include_router(vad_routes.router)
-    app.include_router(batch_routes.router)
-    app.include_router(conversation_routes.router)
-    app.include_router(people_routes.router)
-    app.include_router(omi_profile_routes.router)
-    app.include_router(webhook_routes.router)
-    app.include_router(user_routes.router)
-    app.include_router(jobs.router)
-    app.include_router(metrics.router)
-    app.openapi = _openapi_with_string_details(app)
+    app.include_router(vad_routes.router, tags=["batch"])
+    app.include_router(batch_routes.router, tags=["batch"])
+    app.include_router(conversation_routes.router, tags=["conversations"])
+    app.include_router(people_routes.router, tags=["voices"])
+    app.include_router(omi_profile_routes.router, tags=["voices"])
+    app.include_router(webhook_routes.router, tags=["webhooks"])
+    app.include_router(user_routes.router, tags=["users"])
+    app.include_router(jobs.router, tags=["jobs"])
+    app.include_router(metrics.router, tags=["operations"])
+    app.openapi = openapi_docs.document(app)
 
-    @app.get("/health", summary="Liveness")
+    @app.get("/health", summary="Liveness", tags=["operations"])
     async def health() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/ready", summary="Models loaded and accepting streams")
+    @app.get("/ready", summary="Models loaded and accepting streams", tags=["operations"])
     async def ready() -> JSONResponse:
         st = app.state
         if not getattr(st, "ready", False):
@@ -162,24 +163,6 @@ def _set_torch_threads(threads: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
-
-
-def _openapi_with_string_details(app: FastAPI):
-    """FastAPI documents a 422 body as `{"detail": [validation errors]}`, but the routes also answer 422 (and other
-    4xx) with `{"detail": "<message>"}` (HTTPException): the schema must allow both shapes."""
-    default = app.openapi
-
-    def openapi() -> dict[str, Any]:
-        if app.openapi_schema is None:
-            schema = default()  # caches itself in app.openapi_schema; patched in place
-            error = schema.get("components", {}).get("schemas", {}).get("HTTPValidationError", {})
-            detail = error.get("properties", {}).get("detail")
-            if detail is not None:
-                title = detail.pop("title", "Detail")
-                error["properties"]["detail"] = {"title": title, "anyOf": [detail, {"type": "string"}]}
-        return app.openapi_schema
-
-    return openapi
 
 
 # --- graceful shutdown ------------------------------------------------------------------------------------------

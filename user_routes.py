@@ -24,7 +24,7 @@ from request_auth import user_uid
 from storage import Storage
 from storage.base import User
 
-router = APIRouter(tags=["notifications"])
+router = APIRouter()
 
 FCM_TOKEN_MAX_CHARS = 4096  # FCM registration tokens are ~160-200 characters; room for other push services
 

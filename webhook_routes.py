@@ -31,7 +31,7 @@ from webhooks.targets import WebhookUrlError
 from webhooks.types import WebhookType
 from webhooks.user_webhooks import UserWebhooks
 
-router = APIRouter(tags=["developer webhooks"])
+router = APIRouter()
 
 URL_MAX_CHARS = 2100  # a 2048-character URL and Omi's ",<seconds>" suffix
 

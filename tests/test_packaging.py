@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -45,9 +46,14 @@ def test_dependencies_are_the_requirements_pins():
 def installed(tmp_path_factory) -> Path:
     """A fresh venv with the project installed from a wheel built from the checkout; returns its bin directory."""
     root = tmp_path_factory.mktemp("pkg")
+    # Built from a copy: an in-tree build leaves build/ and *.egg-info in the checkout, and build/lib keeps deleted
+    # modules that a later wheel would ship.
+    source = root / "source"
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".venv", ".git", "build", "*.egg-info", "__pycache__",
+                                                                 "data", "node_modules", ".hypothesis", "out"))
     wheels = root / "wheels"
     build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                            str(wheels), str(REPO)], capture_output=True, text=True, timeout=300)
+                            str(wheels), str(source)], capture_output=True, text=True, timeout=300)
     assert build.returncode == 0, build.stderr
     wheel = next(wheels.glob("omi_unified_server-*.whl"))
     venv = root / "venv"
