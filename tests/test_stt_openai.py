@@ -150,6 +150,34 @@ async def test_results_stay_in_region_order_when_an_earlier_answer_is_slow(srv):
     assert starts == sorted(starts)
 
 
+async def test_requests_in_flight_are_capped_for_the_whole_process(srv):
+    """Two streams share one transcriber capped at 2: with every answer held 0.4 s, six regions never have more than
+    two requests at the server at once, and each stream still gets its words in order."""
+    pcm = clip(10.0, 10.6)
+    srv.recognize(pcm.tobytes())  # decoded once up front: the answers take the scripted delay, not the decoding
+    srv.default = Fault(delay_s=0.4)
+    s = settings(srv, openai_stt_max_concurrent=2)
+    transcriber = OpenAiTranscriber(s)
+    streams = [Collector(), Collector()]
+    sessions = [OpenAiSession(c.on_transcript, s, "en", transcriber, c.on_error) for c in streams]
+
+    async def three_regions(session: OpenAiSession) -> None:
+        for _ in range(3):
+            await send_region(session, pcm)
+        await session.close()
+
+    await asyncio.gather(*(three_regions(session) for session in sessions))
+    await transcriber.aclose()
+    spans = [(r.at, r.done_at) for r in srv.requests]
+    assert len(spans) == 6 and all(r.status == 200 for r in srv.requests)
+    overlap = max(sum(1 for a, b in spans if a <= t < b) for t, _ in spans)
+    assert overlap == 2
+    one = expected_words(srv, pcm, 0.0)
+    for got in streams:
+        want = [(w, a + i * len(pcm) / SR, b + i * len(pcm) / SR) for i in range(3) for w, a, b in one]
+        assert as_tuples(got.words) == approx(want) and want
+
+
 # --- failures ------------------------------------------------------------------------------------------------------
 
 
