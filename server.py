@@ -40,6 +40,7 @@ import vad_routes  # noqa: E402
 import webhook_routes  # noqa: E402
 from auth import Authenticator, AuthError  # noqa: E402
 from batch_threads import batch_threads  # noqa: E402
+from browser_credentials import stream_credentials  # noqa: E402
 from config import Settings, get_settings  # noqa: E402
 from conversations import ConversationService  # noqa: E402
 from listen_session import serve_stream  # noqa: E402
@@ -54,6 +55,7 @@ from streaming.stt import SttFactory  # noqa: E402
 from streaming.vad import VadParams, load_vad_backend  # noqa: E402
 from summaries import make_summarizer  # noqa: E402
 from upload_guard import UploadGuard  # noqa: E402
+from web import mount_page  # noqa: E402
 from webhooks.dispatcher import WebhookDispatcher  # noqa: E402
 from webhooks.types import WebhookType  # noqa: E402
 from webhooks.user_webhooks import UserWebhooks  # noqa: E402
@@ -155,6 +157,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.add_api_websocket_route("/v4/listen", listen)
     app.add_api_websocket_route("/v3/listen", listen)
+    mount_page(app)  # the browser page at / (web/)
     return app
 
 
@@ -258,17 +261,19 @@ async def listen(websocket: WebSocket) -> None:
     app acts on) is accepted and closed with that code at once, still without a message."""
     st = websocket.app.state
     s: Settings = st.settings
+    subprotocol = None  # `omi.listen` when a browser page offered it (browser_credentials: the page's credential)
     try:
-        uid = await st.authenticator.uid_for(websocket.headers.get("authorization"),
-                                             websocket.client.host if websocket.client else None, websocket.headers)
+        authorization, subprotocol = stream_credentials(websocket.headers)
+        uid = await st.authenticator.uid_for(authorization, websocket.client.host if websocket.client else None,
+                                             websocket.headers)
     except AuthError as exc:
         code = getattr(exc, "close_code", None)
         log.info("stream refused at the upgrade: %s", exc)
         if code is not None:
-            await websocket.accept()
+            await websocket.accept(subprotocol=subprotocol)
         await websocket.close(code=code or CloseCode.POLICY)
         return
-    await websocket.accept()
+    await websocket.accept(subprotocol=subprotocol)
     client = WsClient(websocket, s.ws_send_queue_max, s.ws_slow_client_timeout_s)
     try:
         await _admit(client, websocket, uid, st, s)
