@@ -11,6 +11,8 @@ Accepted, in this order:
    since behind a proxy the peer is the proxy (often on loopback itself), and uvicorn run with `--proxy-headers`
    (`--forwarded-allow-ips`) takes the client address from `X-Forwarded-For`, which anyone can write.
 
+Wherever `Bearer <x>` is accepted, `Token <x>` (Deepgram's scheme, sent by its SDKs) is accepted the same way.
+
 `caller`'s `headers` are the request's headers (HTTP and WebSocket call sites pass them): without them, only the
 client address counts.
 
@@ -153,8 +155,9 @@ class Authenticator:
             if len(parts) == 2 and _starts_with_secret(parts[1], key):  # Omi's current form: "Bearer <key><uid>"
                 return _admin(parts[1][len(key) :])
         scheme, _, value = header.partition(" ")
-        if scheme.lower() != "bearer" or not value.strip():
-            raise AuthError("expected 'Authorization: Bearer <token>'")
+        # `Token <x>` is Deepgram's form (its SDKs send it for an API key): the same credential as `Bearer <x>`.
+        if scheme.lower() not in ("bearer", "token") or not value.strip():
+            raise AuthError("expected 'Authorization: Bearer <token>' (or 'Token <token>')")
         value = value.strip()
         if self._firebase is not None:
             from firebase_admin import auth as fb_auth

@@ -51,12 +51,22 @@ async def test_loopback_mode_refuses_other_hosts(host):
     "Bearer " + "a" * 300,
     "Bearer bad/uid",
     "Basic dXNlcjpwdw==",
-    "Token user-1",
+    "Token",
+    "Token two words",
     "user-1",
 ])
 async def test_loopback_mode_refuses_bad_headers(header):
     with pytest.raises(AuthError):
         await authenticator().uid_for(header, "127.0.0.1")
+
+
+async def test_token_scheme_is_bearer():
+    """Deepgram's SDKs send `Token <key>`: the same credential as `Bearer <key>`, in each mode."""
+    assert await authenticator().uid_for("Token user-1", "127.0.0.1") == "user-1"
+    assert await authenticator().uid_for("token user-1", "::1") == "user-1"
+    assert await authenticator(ADMIN_KEY).uid_for(f"Token {ADMIN_KEY}u1", "10.1.2.3") == "u1"
+    with pytest.raises(AuthError):
+        await authenticator(ADMIN_KEY).uid_for("Token wrong-key-u1", "10.1.2.3")
 
 
 def test_is_loopback():
