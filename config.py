@@ -105,6 +105,9 @@ class Settings(BaseSettings):
     stt_reconnect_max_s: float = Field(default=8.0, gt=0)  # backoff cap
     stt_reconnect_max_failures: int = Field(default=8, ge=1)  # quick failures in a row before the stream gives up
     stt_close_wait_s: float = Field(default=15.0, ge=0)  # at stream end, wait this long for a reconnect in progress
+    # STT_BACKEND=local: partial transcripts of an open speech region every this many seconds (0: finals only)
+    local_partial_interval_s: float = Field(default=1.0, ge=0)
+    local_partial_decoders: int = Field(default=4, ge=0)  # per process, decoders lent to open regions for partials
     # STT_BACKEND=openai: an OpenAI-compatible /v1/audio/transcriptions server, one request per speech region
     openai_stt_url: str | None = None  # base URL with /v1, e.g. http://localhost:8000/v1, https://api.openai.com/v1
     openai_stt_api_key: SecretStr | None = None  # sent as a Bearer token; never logged

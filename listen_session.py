@@ -103,7 +103,8 @@ async def _serve_stream(client: WsClient, params: ListenParams, uid: str, st: An
         link = ConversationLink(service, conversation, params.language, timeout_s)
         link.pipeline = Pipeline(
             decoder=decoder, vad_backend=st.vad_backend, vad_params=st.vad_params, stt_factory=st.stt_factory,
-            language=params.language, emit=_tapped(client.send_json, hooks), tagger=tagger, persist=link.persist,
+            language=params.language, emit=_tapped(client.send_json, hooks), emit_partial=client.send_json,
+            tagger=tagger, persist=link.persist,
             time_offset=conversation.duration_s, keepalive_s=s.deepgram_keepalive_s,
             pending_max=s.storage_pending_max_segments, retry_on_close_s=s.storage_retry_on_close_s,
             write_timeout_s=s.storage_write_timeout_s, vad_runner=st.pool.run_vad, tail=tail,

@@ -22,7 +22,7 @@ from streaming.segment_writer import Persist, SegmentWriter
 from streaming.segments import SegmentBuilder, SegmentTail
 from streaming.stt import SAMPLE_RATE, SentTimeline, SttError, SttFactory, SttSession, Transcript, to_int16
 from streaming.tagging import SpeakerLabel, SpeakerTagger
-from streaming.vad import SpeechAudio, SpeechEnd, StreamingVAD, VadBackend, VadEvent, VadParams
+from streaming.vad import SpeechAudio, SpeechEnd, SpeechStart, StreamingVAD, VadBackend, VadEvent, VadParams
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +31,10 @@ Emit = Callable[[Any], Awaitable[None]]  # sends one JSON message (a list of seg
 # Runs one stream's `FrameJob` (decode + VAD) and returns its result: the model pool's batched VAD (`run_vad`) in the
 # server; by default the job alone in a worker thread.
 VadRunner = Callable[[VadJob], Awaitable[Any]]
+# For a caller that speaks another protocol than Omi's segments (deepgram_compat): every STT result as it comes, on
+# the sent-audio clock (`Pipeline.timeline` maps it), with its words' speaker labels (finals, when tagging ran).
+ResultTap = Callable[[Transcript, list[SpeakerLabel] | None], Awaitable[None]]
+SpeechStartTap = Callable[[int], Awaitable[None]]  # the stream sample where a speech region (with pre-roll) begins
 
 
 class SpeechPcm(NamedTuple):
@@ -126,12 +130,19 @@ class Pipeline:
         tail: SegmentTail | None = None,
         fixed_label: SpeakerLabel | None = None,
         audio_tap: AudioTap | None = None,
+        emit_partial: Emit | None = None,
+        result_tap: ResultTap | None = None,
+        speech_start_tap: SpeechStartTap | None = None,
     ) -> None:
         self._decoder = decoder
         self._audio_tap = audio_tap  # called on the event loop with each run of decoded 16 kHz audio, in order
         self._vad = StreamingVAD(vad_backend, vad_params)
         self._run_vad = vad_runner or _run_alone
         self._emit = emit
+        # Partial transcripts and their clean-up go to the client only: never stored, never to the transcript webhook.
+        self._emit_partial = emit_partial or emit
+        self._result_tap = result_tap
+        self._speech_start_tap = speech_start_tap
         self.timeline = SentTimeline()
         self.segments = SegmentBuilder(self.timeline, time_offset, tail, fixed_label)
         self.stt: SttSession = stt_factory.session(self._on_transcript, language, self._on_stt_error)
@@ -250,6 +261,19 @@ class Pipeline:
                 self.stats.regions += 1
                 self._last_sent = time.monotonic()
                 await self.stt.finalize()
+            elif isinstance(ev, SpeechStart) and self._speech_start_tap is not None:
+                await self._speech_start_tap(ev.sample)
+
+    async def end_region(self) -> bool:
+        """The client asked for its results now (Deepgram's `Finalize`): the frames received so far go through the
+        VAD, an open speech region is closed here as if its speech had ended, and STT finalizes it. True when a
+        region was open."""
+        if self._worker is not None:
+            await asyncio.wait({self._worker})
+            self._raise_worker_error()
+        events = _speech_as_pcm(await asyncio.to_thread(self._vad.flush))
+        await self._forward(events)
+        return any(isinstance(ev, SpeechEnd) for ev in events)
 
     async def _keepalive_loop(self) -> None:
         """Deepgram drops a socket that hears nothing for 10 s; during silence we send KeepAlive instead of audio."""
@@ -267,8 +291,13 @@ class Pipeline:
         await self._emit(ErrorEvent(code=code, message=message).model_dump())
 
     async def _on_transcript(self, transcript: Transcript) -> None:
+        if not transcript.is_final:
+            if self._result_tap is not None:
+                await self._result_tap(transcript, None)
+            await self._show(self.segments.preview(transcript, self._partial_label()))
+            return
         labels, relabels = None, {}
-        words = [w for w in transcript.words if w.text.strip()] if transcript.is_final else []
+        words = [w for w in transcript.words if w.text.strip()]
         if self.tagger is not None and words:
             try:
                 labels, relabels = await self.tagger.label_words(words)
@@ -279,7 +308,30 @@ class Pipeline:
             changed += [s for s in self.segments.relabel(speaker_id, label) if s not in changed]
         transcript = Transcript(tuple(words), transcript.is_final, transcript.speech_final)
         changed += [s for s in self.segments.add(transcript, labels) if s not in changed]
+        if self._result_tap is not None:
+            await self._result_tap(transcript, labels)
         await self._deliver(changed)
+        await self._show(self.segments.settle(changed))  # what partials showed that the final did not send
+
+    def _partial_label(self) -> SpeakerLabel:
+        """Partials are not speaker-tagged (an embedding per partial would cost more than the partial): their words
+        go to the speaker of the conversation's last segment, or the channel's fixed speaker; the final's tagging
+        then decides, and the final replaces the partial by id."""
+        last = self.segments.tail.segment
+        if self.tagger is None or last is None:
+            return self.segments.default_label
+        return SpeakerLabel(last.speaker_id, last.is_user, last.person_id)
+
+    async def _show(self, segments: list[TranscriptSegment]) -> None:
+        """Segments for the client's eyes only (partials, and segments as they are once a partial is gone). A
+        segment only a partial made, whose words the final dropped, is sent empty (the 2025 app replaces it by id)
+        and listed in `segments_deleted` (the new app removes it)."""
+        if not segments:
+            return
+        await self._emit_partial([s.model_dump() for s in segments])
+        retracted = SegmentBuilder.retracted(segments)
+        if retracted:
+            await self._emit_partial({"type": "segments_deleted", "segment_ids": retracted})
 
     async def _deliver(self, changed: list[TranscriptSegment]) -> None:
         """Persist, then send: while storage answers, a segment the client has seen is a segment that is stored.

@@ -1,5 +1,8 @@
 """Transcript segments as the Omi app shows them: final words grouped by speaker, merged by Omi's rule. Pure: no I/O.
 
+Partial transcripts (`SegmentBuilder.preview`) are shown under the id their final will take, so the app replaces
+them by id and shows each word once; they never change the builder's (stored) segments.
+
 One `SegmentBuilder` per channel of a connection (in its `Pipeline`); the channels of one connection share a
 `SegmentTail`.
 """
@@ -53,6 +56,10 @@ class SegmentBuilder:
         self._current: TranscriptSegment | None = None
         self.segments: list[TranscriptSegment] = []
         self.manual: set[str] = set()  # ids of segments the user tagged (speaker_assigned)
+        # Partials: ids the client holds with partial words in them, and the id the next new segment takes (one a
+        # partial showed first, so the final replaces it in the app instead of adding a second copy of its words).
+        self._partial_shown: dict[str, TranscriptSegment] = {}
+        self._reserved_id: str | None = None
 
     def restart(self, offset: float) -> None:
         """A new conversation begins: no segment continues across it, and its clock starts again."""
@@ -61,6 +68,8 @@ class SegmentBuilder:
         self.manual = set()
         self.tail.segment = None
         self.offset = offset
+        self._partial_shown = {}
+        self._reserved_id = None
 
     def seed(self, last: TranscriptSegment) -> None:
         """A continued conversation's last stored segment: new speech may extend it (as the app would merge it)."""
@@ -86,7 +95,8 @@ class SegmentBuilder:
                     seg.text = f"{seg.text} {text}"
                     seg.end = max(seg.end, end)
                 else:
-                    seg = TranscriptSegment(id=str(uuid.uuid4()), text=text, start=start, end=end,
+                    seg_id, self._reserved_id = self._reserved_id or str(uuid.uuid4()), None
+                    seg = TranscriptSegment(id=seg_id, text=text, start=start, end=end,
                                             speaker=label.speaker, speaker_id=label.speaker_id,
                                             is_user=label.is_user, person_id=label.person_id)
                     self.segments.append(seg)
@@ -99,6 +109,62 @@ class SegmentBuilder:
         if transcript.speech_final:
             self._current = None
         return changed
+
+    def preview(self, transcript: Transcript, label: SpeakerLabel) -> list[TranscriptSegment]:
+        """A partial transcript (all of it `label`'s) as the client should show it now: copies, the builder's
+        segments unchanged. Its words extend the segment a final would extend (same id), else they make the
+        segment whose id the next new segment takes. Segments an earlier partial changed and this one does not
+        come back as `settle` gives them."""
+        words = [w for w in transcript.words if w.text.strip()]
+        shown: list[TranscriptSegment] = []
+        if words:
+            text = " ".join(w.text.strip() for w in words)
+            start = round(self._timeline.to_stream(words[0].start) + self.offset, 3)
+            end = round(self._timeline.to_stream(words[-1].end, is_end=True) + self.offset, 3)
+            last = self.tail.segment
+            if last is not None and continues(last, label, start):
+                seg = last.model_copy()
+                seg.text, seg.end = f"{seg.text} {text}", max(seg.end, end)
+            else:
+                self._reserved_id = self._reserved_id or str(uuid.uuid4())
+                seg = TranscriptSegment(id=self._reserved_id, text=text, start=start, end=end, speaker=label.speaker,
+                                        speaker_id=label.speaker_id, is_user=label.is_user, person_id=label.person_id)
+            shown.append(seg)
+        gone = [s for s in self._partial_shown.values() if s.id not in {n.id for n in shown}]
+        self._partial_shown = {s.id: s for s in shown}
+        return shown + self._settled(gone)
+
+    def settle(self, sent: list[TranscriptSegment]) -> list[TranscriptSegment]:
+        """After a final: the segments partials changed that the final (`sent`) did not send again, as the client
+        must now show them: a stored segment as stored, a segment only a partial made with no text (the final
+        dropped its words; `retracted` says which). The next partial starts from a clean slate."""
+        gone = [s for s in self._partial_shown.values() if s.id not in {n.id for n in sent}]
+        self._partial_shown = {}
+        return self._settled(gone)
+
+    def _settled(self, shown: list[TranscriptSegment]) -> list[TranscriptSegment]:
+        """Segments shown with partial words, as they are without them."""
+        wanted = {s.id for s in shown}
+        held = {}
+        for seg in reversed(self.segments):  # a partial extends the last segment: found within the last few
+            if len(held) == len(wanted):
+                break
+            if seg.id in wanted:
+                held[seg.id] = seg
+        if self.tail.segment is not None and self.tail.segment.id in wanted:  # maybe another channel's segment
+            held[self.tail.segment.id] = self.tail.segment
+        out = []
+        for seg in shown:
+            if seg.id in held:
+                out.append(held[seg.id].model_copy())
+            else:  # only ever shown as a partial: emptied in place (`retracted`)
+                out.append(seg.model_copy(update={"text": ""}))
+        return out
+
+    @staticmethod
+    def retracted(segments: list[TranscriptSegment]) -> list[str]:
+        """The ids among `settle`/`preview` output that no final holds (sent empty; the app may delete them)."""
+        return [s.id for s in segments if not s.text]
 
     def relabel(self, speaker_id: int, label: SpeakerLabel, recent: int = 200) -> list[TranscriptSegment]:
         """Segments labelled `speaker_id` are now `label` (clusters merged, or a cluster identified): update the

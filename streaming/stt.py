@@ -5,7 +5,8 @@ samples. `SentTimeline` records where each sent span sits in the stream and maps
 
 Backends:
 - `deepgram` (`streaming/stt_deepgram.py`): Deepgram's live API over deepgram-sdk, reconnecting and replaying.
-- `local` (`streaming/stt_local.py`): pocketsphinx, offline, on a small shared pool of decoders.
+- `local` (`streaming/stt_local.py`): pocketsphinx, offline, on a small shared pool of decoders; partial
+  transcripts (`is_final` false) while a region is open (`streaming/sphinx_partials.py`).
 - `openai` (`streaming/stt_openai.py`): an OpenAI-compatible /v1/audio/transcriptions server, one request per region.
 - `whisper` (`streaming/stt_whisper.py`): faster-whisper in process, regions of all streams batched on one model.
 """
@@ -144,7 +145,8 @@ class SttFactory:
         if self.backend == "local":
             from streaming.stt_local import LocalRecognizer
 
-            self._recognizer = LocalRecognizer(lazy=settings.lazy_models)
+            self._recognizer = LocalRecognizer(lazy=settings.lazy_models,
+                                               partial_decoders=settings.local_partial_decoders)
         self._transcriber = None
         if self.backend == "openai":
             from streaming.openai_transcriber import OpenAiTranscriber
@@ -173,4 +175,4 @@ class SttFactory:
         from streaming.stt_local import LocalSession
 
         assert self._recognizer is not None
-        return LocalSession(on_transcript, self._recognizer)
+        return LocalSession(on_transcript, self._recognizer, self.settings.local_partial_interval_s)

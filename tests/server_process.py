@@ -63,7 +63,10 @@ def start_server(workdir: Path, env: dict[str, str] | None = None, *, cwd: Path 
     port = free_port()
     workdir.mkdir(parents=True, exist_ok=True)
     full_env = {k: v for k, v in os.environ.items() if not k.startswith(SCRUBBED_ENV_PREFIXES)}
-    full_env.update({"DATA_DIR": str(workdir / "data"), "PYANNOTE_METRICS_ENABLED": "false", **(env or {})})
+    # Local STT partials (on by default) are off unless a test asks: the tests written for finals wait for a segment,
+    # then close; tests/test_local_partials.py streams with them on.
+    full_env.update({"DATA_DIR": str(workdir / "data"), "PYANNOTE_METRICS_ENABLED": "false",
+                     "LOCAL_PARTIAL_INTERVAL_S": "0", **(env or {})})
     log_path = workdir / f"server-{port}.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
