@@ -37,7 +37,7 @@ REGION_B = (10.0, 11.5)
 def settings(srv: OpenAISttTestServer, **kw) -> Settings:
     base = dict(stt_backend="openai", openai_stt_url=srv.base_url, openai_stt_api_key=KEY,
                 stt_reconnect_base_s=0.05, stt_reconnect_max_s=0.4, stt_reconnect_max_failures=5,
-                stt_close_wait_s=20.0)
+                stt_close_wait_s=60.0)
     return Settings(_env_file=None, **{**base, **kw})
 
 
@@ -278,6 +278,8 @@ async def test_held_speech_is_bounded_the_oldest_dropped_counted_and_told(srv):
 
 async def test_a_region_over_the_upload_limit_is_cut_into_requests(srv):
     pcm = clip(7.5, 12.0)  # 4.5 s; a limit of 2 s per file: 2 + 2 + 0.5 s
+    for i in range(3):  # decoded up front (cached by audio): the test's time goes to the session, not pocketsphinx
+        srv.recognize(pcm[i * 2 * SR : (i + 1) * 2 * SR].tobytes())
     got = Collector()
     s = settings(srv)
     transcriber = OpenAiTranscriber(s)
@@ -294,6 +296,26 @@ async def test_a_region_over_the_upload_limit_is_cut_into_requests(srv):
         want += expected_words(srv, np.frombuffer(part, np.int16), 2.0 * i)
     assert as_tuples(got.words) == approx(want)
     assert [t.speech_final for t in got.transcripts] == [False, False, True]
+
+
+async def test_stream_end_waits_close_wait_then_counts_the_unanswered_speech(srv):
+    pcm = clip(*REGION_B)
+    srv.recognize(pcm.tobytes())  # decoded up front: pocketsphinx in the server's thread holds the GIL while it runs
+    srv.default = Fault(delay_s=4.0)
+    got = Collector()
+    s = settings(srv, stt_close_wait_s=0.5)
+    transcriber = OpenAiTranscriber(s)
+    session = OpenAiSession(got.on_transcript, s, "en", transcriber, got.on_error)
+    before = metrics.snapshot()
+    await send_region(session, pcm, finalize=False)  # the region is still open: close() sends it
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    await session.close()
+    waited = loop.time() - t0
+    await transcriber.aclose()
+    assert 0.5 <= waited < 2.0 and got.transcripts == []
+    assert await until(lambda: len(srv.requests) == 1 and srv.requests[0].pcm == pcm.tobytes(), 5)
+    assert metrics.value("stt_lost_seconds_total") - before["stt_lost_seconds_total"] == pytest.approx(1.5, abs=0.01)
 
 
 def test_other_servers_word_layouts_are_read():
@@ -321,7 +343,8 @@ async def test_server_streams_through_the_openai_backend(tmp_path):
     audio = (np.round(audio * 32768) / 32768).astype(np.float32)
     streamed = to_int16(audio).tobytes()
     with OpenAISttTestServer(api_key=KEY) as stt:
-        server = start_server(tmp_path, STT_BACKEND="openai", OPENAI_STT_URL=stt.base_url, OPENAI_STT_API_KEY=KEY)
+        server = start_server(tmp_path, STT_BACKEND="openai", OPENAI_STT_URL=stt.base_url, OPENAI_STT_API_KEY=KEY,
+                              STT_CLOSE_WAIT_S="60")  # pocketsphinx in the test server is slow on a busy machine
         try:
             def answered_words() -> int:
                 return sum(len(r.answer.get("words", [])) for r in stt.requests if r.status == 200)
