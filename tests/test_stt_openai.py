@@ -139,6 +139,7 @@ async def test_multi_language_lets_the_server_detect(srv):
 
 async def test_results_stay_in_region_order_when_an_earlier_answer_is_slow(srv):
     a, b = clip(*REGION_A), clip(*REGION_B)
+    srv.recognize(a.tobytes()), srv.recognize(b.tobytes())  # decoded up front: answer times are the delays alone
     srv.script(Fault(delay_s=2.0))  # the first request's answer is held back
     got, _ = await run_session(srv, [a, b])
     first, second = srv.requests
