@@ -10,7 +10,7 @@ PORT ?= 8080
 WS_MAX_SIZE ?= 1048576
 export PYANNOTE_METRICS_ENABLED := false
 
-.PHONY: run test lint bench bench-vad clean
+.PHONY: run test lint browser bench bench-vad clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,8 +21,19 @@ $(STAMP): requirements.txt requirements-dev.txt
 run: $(STAMP)
 	$(VENV)/bin/uvicorn server:app --host $(HOST) --port $(PORT) --ws-max-size $(WS_MAX_SIZE)
 
-test: lint
+test: lint browser
 	$(VENV)/bin/pytest -q
+
+# tests/test_page.py drives the page at / in Debian's chromium through chromium-driver (selenium, headless): installed
+# here when missing, as root with apt; where apt cannot be used the test skips and says why.
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; \
+	else \
+		echo "chromium and chromium-driver are missing and apt-get cannot install them here (needs root on Debian):" \
+		     "tests/test_page.py will skip"; \
+	fi
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

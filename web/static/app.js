@@ -143,7 +143,7 @@ async function startListening() {
       await microphone.start();
       microphone.listeners.add(onAudioFrame);
       $("stop").disabled = false;
-      setStatus("Listening: connected");
+      if (!$("status").textContent.startsWith("Listening")) setStatus("Listening: connected"); // keep the server's
     } catch (error) {
       setStatus(`No microphone: ${error.message}`);
       socket.close(1000);
@@ -243,7 +243,7 @@ function drawTimeline() {
   const barWidth = Math.max(1, width / (TIMELINE_WINDOW_S * 25));
   for (const [t, level] of state.levels) {
     if (t < start) continue;
-    const h = Math.min(1, level * 4) * (height / 2 - 4);
+    const h = Math.min(1, Math.sqrt(level) * 2) * (height / 2 - 4); // sqrt: quiet speech still shows
     g.fillRect(x(t), height - h, barWidth, h);
   }
   g.fillStyle = "#3f3f46";
@@ -395,6 +395,8 @@ async function detectSpeech(file) {
       ...regions.map((r) => {
         const item = document.createElement("li");
         item.className = "region";
+        item.dataset.start = String(r.start); // the server's seconds, unrounded
+        item.dataset.end = String(r.end);
         item.textContent = `${r.start.toFixed(2)}-${r.end.toFixed(2)} s (${r.duration.toFixed(2)} s)`;
         return item;
       }),
