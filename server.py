@@ -30,6 +30,7 @@ from pydantic import ValidationError  # noqa: E402
 
 import batch_routes  # noqa: E402
 import conversation_routes  # noqa: E402
+import deepgram_compat.routes  # noqa: E402
 import jobs  # noqa: E402
 import metrics  # noqa: E402
 import omi_profile_routes  # noqa: E402
@@ -125,6 +126,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(user_routes.router, tags=["users"])
     app.include_router(jobs.router, tags=["jobs"])
     app.include_router(metrics.router, tags=["operations"])
+    app.include_router(deepgram_compat.routes.router, tags=["deepgram"])  # Deepgram's WS and POST /v1/listen
     app.openapi = openapi_docs.document(app)
 
     @app.get("/health", summary="Liveness", tags=["operations"])

@@ -62,7 +62,9 @@ class _RouteRules:
 
     def __init__(self, route: APIRoute | None, settings: Any) -> None:
         takes_body = route is not None and route.body_field is not None
-        if takes_body and _is_form(route.dependant):
+        # A route that reads its body as a raw upload itself (POST /v1/listen: audio bytes) marks its endpoint.
+        raw_upload = route is not None and getattr(route.endpoint, "raw_audio_body", False)
+        if raw_upload or (takes_body and _is_form(route.dependant)):
             self.limit = int(settings.max_upload_mb * (1 << 20)) + FORM_OVERHEAD_BYTES
             self.limit_text = f"uploads: {settings.max_upload_mb:g} MB"
         else:
