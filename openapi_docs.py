@@ -25,6 +25,8 @@ TAGS = [
     {"name": "users", "description": "Push-notification token, time zone and daily-summary settings."},
     {"name": "jobs", "description": "Scheduled jobs and their runs."},
     {"name": "operations", "description": "Liveness, readiness and Prometheus metrics: no token needed."},
+    {"name": "deepgram", "description": "Deepgram's `/v1/listen` (prerecorded here; the live WebSocket at the same "
+                                        "path) for Deepgram's SDKs: `Authorization: Token <token>` or `Bearer`."},
 ]
 
 # Routes anyone may call: no security requirement is shown for them.
