@@ -11,10 +11,13 @@ whose wait ran out, gets 429 with `Retry-After` at once. The slot is taken befor
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 from collections.abc import AsyncIterator
 
 from fastapi import HTTPException, Request
+
+import metrics
 
 RETRY_AFTER_S = 5  # what a refused request is told (a typical batch request takes seconds)
 
@@ -92,7 +95,12 @@ async def batch_slot(request: Request) -> AsyncIterator[None]:
     if not await admission.acquire():
         raise HTTPException(429, f"too many batch requests at once (at most {admission.limit}); retry later",
                             headers={"Retry-After": str(RETRY_AFTER_S)})
+    started = time.monotonic()
     try:
         yield
     finally:
         admission.release()
+        # The route's path, not the raw URL: a bounded label set (two endpoints).
+        route = request.scope.get("route")
+        endpoint = getattr(route, "path", "other")
+        metrics.BATCH_REQUEST_SECONDS.labels(endpoint=endpoint).observe(time.monotonic() - started)

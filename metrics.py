@@ -1,20 +1,48 @@
-"""Process-wide counters, served as Prometheus text at `GET /metrics`.
+"""Process-wide metrics on prometheus-client, served at `GET /metrics` in Prometheus' text format.
 
-Counters are aggregates over all streams (no per-stream state lives here). Names follow Prometheus conventions:
-`_total` for counters, `_seconds` for durations. Increment from the event loop or from worker threads: a lock keeps
-the arithmetic exact.
+Aggregates over all streams: no per-stream state, and no label that grows with users (no uid, no stream id): labels
+are bounded sets (STT backend, model, lane, endpoint, webhook type and outcome). Everything lives in one
+`REGISTRY` of this process (with prometheus-client's process and platform collectors), so tests and several apps
+in one process read the same numbers.
 
-Labelled counters (`register(name, help_text)`, then `inc(name, amount, type="x", outcome="y")`) are kept apart from
-the fixed, unlabelled ones above so their output and `snapshot()` stay as they were; each label set seen is one
-sample line `omi_name{outcome="y",type="x"} n` (label names sorted).
+- Fault counters keep their old names and the small API the code calls (`inc(name, amount, **labels)`,
+  `value`, `snapshot`, `register` for labelled ones declared by other modules).
+- Histograms and counters for operators: `SEGMENT_LATENCY` (what this server adds between STT's answer and the
+  segment sent), `STT_ROUND_TRIP` (a speech region's end to its transcript, per backend), `POOL_BATCH_SIZE` and
+  `POOL_QUEUE_WAIT` (the shared model pool, per model and lane), `BATCH_REQUEST_SECONDS` (the batch endpoints),
+  `AUDIO_RECEIVED_SECONDS` and `STT_SPEECH_SECONDS` (their ratio is what the VAD gate saves in STT cost).
+- Gauges read at scrape time from the app (`collect_app_gauges`): active streams, pool saturation and queue depth,
+  queued webhook deliveries.
+
+Several uvicorn workers are several processes, each with its own registry: scrape each (the Kubernetes manifests
+run one worker per pod).
 """
 
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import PlainTextResponse
+from fastapi.responses import Response
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
+    generate_latest,
+)
+
+disable_created_metrics()  # no `_created` sample beside each counter: noise for every dashboard
+REGISTRY = CollectorRegistry()
+ProcessCollector(registry=REGISTRY)
+PlatformCollector(registry=REGISTRY)
+
+PREFIX = "omi_"
 
 _HELP: dict[str, str] = {
     "stt_reconnects_total": "STT connections re-opened after the upstream service dropped one",
@@ -31,11 +59,45 @@ _HELP: dict[str, str] = {
 }
 
 _lock = threading.Lock()
-_values: dict[str, float] = dict.fromkeys(_HELP, 0.0)
+_counters: dict[str, Counter] = {name: Counter(PREFIX + name, text, registry=REGISTRY) for name, text in _HELP.items()}
+_labelled_help: dict[str, str] = {}  # declared by register(); the Counter is made at the first inc (its label names)
+_labelled: dict[str, Counter] = {}
+
+# Latency buckets (seconds) from 10 ms to 10 s: segment and STT latencies live there.
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0)
+
+SEGMENT_LATENCY = Histogram(
+    PREFIX + "segment_latency_seconds",
+    "time this server adds to a transcript: from STT's answer to the segment handed to the client's queue "
+    "(speaker tagging, storage write)", buckets=_LATENCY_BUCKETS, registry=REGISTRY)
+STT_ROUND_TRIP = Histogram(
+    PREFIX + "stt_round_trip_seconds",
+    "from the end of a speech region sent to STT to its final transcript, per STT backend", ["backend"],
+    buckets=_LATENCY_BUCKETS + (20.0, 30.0), registry=REGISTRY)
+POOL_BATCH_SIZE = Histogram(
+    PREFIX + "pool_batch_size", "items per model call of the shared model pool", ["model"],
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=REGISTRY)
+POOL_QUEUE_WAIT = Histogram(
+    PREFIX + "pool_queue_wait_seconds", "time a request waited in the model pool's queue before its batch ran",
+    ["model"], buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5), registry=REGISTRY)
+BATCH_REQUEST_SECONDS = Histogram(
+    PREFIX + "batch_request_seconds", "duration of a batch endpoint's request, admitted to the answer",
+    ["endpoint"], buckets=(0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0), registry=REGISTRY)
+AUDIO_RECEIVED_SECONDS = Counter(
+    PREFIX + "audio_received_seconds_total", "seconds of audio received on live streams (decoded, all channels)",
+    registry=REGISTRY)
+STT_SPEECH_SECONDS = Counter(
+    PREFIX + "stt_speech_seconds_total", "seconds of speech sent to STT (what the STT provider bills), per backend",
+    ["backend"], registry=REGISTRY)
+
+_ACTIVE_STREAMS = Gauge(PREFIX + "active_streams", "open /v4/listen streams", registry=REGISTRY)
+_WEBHOOK_QUEUED = Gauge(PREFIX + "webhook_queued", "developer-webhook deliveries waiting or in flight",
+                        registry=REGISTRY)
+_POOL_SATURATION = Gauge(PREFIX + "pool_saturation", "how full a model pool queue is (0-1; live streams are "
+                         "refused from 0.9 of the speaker queue)", ["model"], registry=REGISTRY)
+_POOL_QUEUED = Gauge(PREFIX + "pool_queued", "requests waiting in a model pool queue", ["model"], registry=REGISTRY)
 
 LabelSet = tuple[tuple[str, str], ...]
-_LABELLED_HELP: dict[str, str] = {}  # filled by register()
-_labelled: dict[str, dict[LabelSet, float]] = {}
 
 
 def register(name: str, help_text: str) -> None:
@@ -43,76 +105,75 @@ def register(name: str, help_text: str) -> None:
     if name in _HELP:
         raise ValueError(f"{name} is an unlabelled metric")
     with _lock:
-        _LABELLED_HELP.setdefault(name, help_text)
-        _labelled.setdefault(name, {})
+        _labelled_help.setdefault(name, help_text)
 
 
-def _label_set(labels: dict[str, str]) -> LabelSet:
-    return tuple(sorted((key, str(val)) for key, val in labels.items()))
+def _labelled_counter(name: str, label_names: tuple[str, ...]) -> Counter:
+    with _lock:
+        counter = _labelled.get(name)
+        if counter is None:
+            counter = Counter(PREFIX + name, _labelled_help[name], label_names, registry=REGISTRY)
+            _labelled[name] = counter
+    if tuple(counter._labelnames) != label_names:
+        raise ValueError(f"metric {name} has labels {counter._labelnames}, not {label_names}")
+    return counter
 
 
 def inc(name: str, amount: float = 1.0, **labels: str) -> None:
+    """Thread-safe (prometheus-client locks each value)."""
     if name in _HELP and not labels:
-        with _lock:
-            _values[name] += amount
+        _counters[name].inc(amount)
         return
-    if name not in _LABELLED_HELP:
+    if name not in _labelled_help:
         raise KeyError(f"unknown metric {name}" if name not in _HELP else f"metric {name} takes no labels")
-    key = _label_set(labels)
-    with _lock:
-        samples = _labelled[name]
-        samples[key] = samples.get(key, 0.0) + amount
+    counter = _labelled_counter(name, tuple(sorted(labels)))
+    counter.labels(**{k: str(v) for k, v in labels.items()}).inc(amount)
 
 
 def value(name: str, **labels: str) -> float:
-    with _lock:
-        if name in _HELP and not labels:
-            return _values[name]
-        return _labelled[name].get(_label_set(labels), 0.0)
+    found = REGISTRY.get_sample_value(PREFIX + name, {k: str(v) for k, v in labels.items()} or None)
+    return float(found) if found is not None else 0.0
 
 
 def snapshot() -> dict[str, float]:
-    with _lock:
-        return dict(_values)
+    return {name: value(name) for name in _HELP}
 
 
 def labelled_snapshot() -> dict[str, dict[LabelSet, float]]:
-    with _lock:
-        return {name: dict(samples) for name, samples in _labelled.items()}
+    out: dict[str, dict[LabelSet, float]] = {name: {} for name in _labelled_help}
+    for name, counter in list(_labelled.items()):
+        for family in counter.collect():
+            for sample in family.samples:
+                if sample.name == PREFIX + name:
+                    out[name][tuple(sorted(sample.labels.items()))] = sample.value
+    return out
 
 
-def _escape(label_value: str) -> str:
-    return label_value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+def collect_app_gauges(state: Any) -> None:
+    """Sets the gauges from the app's state (`app.state`), just before a scrape."""
+    _ACTIVE_STREAMS.set(float(getattr(state, "active_streams", 0)))
+    webhooks = getattr(state, "webhooks", None)
+    if webhooks is not None:
+        _WEBHOOK_QUEUED.set(float(webhooks.queued()))
+    pool = getattr(state, "pool", None)
+    if pool is not None:
+        stats = pool.stats()
+        for model in ("speaker", "speaker_batch", "vad"):
+            worker = stats.get(model)
+            if isinstance(worker, dict):
+                _POOL_SATURATION.labels(model=model).set(float(worker.get("saturation", 0.0)))
+                _POOL_QUEUED.labels(model=model).set(float(worker.get("queued", 0)))
 
 
-def _labelled_lines() -> list[str]:
-    lines = []
-    for name, samples in labelled_snapshot().items():
-        lines += [f"# HELP omi_{name} {_LABELLED_HELP[name]}", f"# TYPE omi_{name} counter"]
-        for key, amount in sorted(samples.items()):
-            text = ",".join(f'{label}="{_escape(val)}"' for label, val in key)
-            lines.append(f"omi_{name}{{{text}}} {amount:g}" if text else f"omi_{name} {amount:g}")
-    return lines
-
-
-def prometheus_text(gauges: dict[str, tuple[float, str]] | None = None) -> str:
-    lines = []
-    for name, amount in snapshot().items():
-        lines += [f"# HELP omi_{name} {_HELP[name]}", f"# TYPE omi_{name} counter", f"omi_{name} {amount:g}"]
-    lines += _labelled_lines()
-    for name, (amount, help_text) in (gauges or {}).items():
-        lines += [f"# HELP omi_{name} {help_text}", f"# TYPE omi_{name} gauge", f"omi_{name} {amount:g}"]
-    return "\n".join(lines) + "\n"
+def prometheus_text() -> str:
+    return generate_latest(REGISTRY).decode()
 
 
 router = APIRouter()
 
 
-@router.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
-async def metrics_endpoint(request: Request) -> PlainTextResponse:
-    st = request.app.state
-    gauges = {"active_streams": (float(getattr(st, "active_streams", 0)), "open /v4/listen streams")}
-    webhooks = getattr(st, "webhooks", None)
-    if webhooks is not None:
-        gauges["webhook_queued"] = (float(webhooks.queued()), "developer-webhook deliveries waiting or in flight")
-    return PlainTextResponse(prometheus_text(gauges))
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response,
+            responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
+async def metrics_endpoint(request: Request) -> Response:
+    collect_app_gauges(request.app.state)
+    return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)

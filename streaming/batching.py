@@ -33,6 +33,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
+import metrics
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -60,6 +62,7 @@ class _Request:
     item: Any
     future: asyncio.Future
     loop: asyncio.AbstractEventLoop
+    queued_at: float = 0.0  # time.monotonic() at submit: the queue wait is measured from it
 
 
 def _name_os_thread(name: str) -> None:
@@ -148,7 +151,7 @@ class BatchingWorker(Generic[T, R]):
     async def submit(self, item: T) -> R:
         """`submit_many([item])[0]`, with one future and no gather (the VAD sends one request per stream and step)."""
         loop = asyncio.get_running_loop()
-        request = _Request(item, loop.create_future(), loop)
+        request = _Request(item, loop.create_future(), loop, time.monotonic())
         self._admit([request])
         try:
             return await request.future
@@ -164,7 +167,8 @@ class BatchingWorker(Generic[T, R]):
             raise ValueError(f"model pool {self.name}: {len(items)} items in one request, the queue holds "
                              f"{self.queue_size}")
         loop = asyncio.get_running_loop()
-        requests = [_Request(item, loop.create_future(), loop) for item in items]
+        now = time.monotonic()
+        requests = [_Request(item, loop.create_future(), loop, now) for item in items]
         self._admit(requests)
         futures = [r.future for r in requests]
         try:
@@ -261,6 +265,11 @@ class BatchingWorker(Generic[T, R]):
             return batch
 
     def _serve(self, batch: list[_Request]) -> None:
+        now = time.monotonic()
+        wait = metrics.POOL_QUEUE_WAIT.labels(model=self.name)
+        for request in batch:
+            wait.observe(now - request.queued_at)
+        metrics.POOL_BATCH_SIZE.labels(model=self.name).observe(len(batch))
         started = time.perf_counter()
         try:
             results = list(self._batch_fn([r.item for r in batch]))
