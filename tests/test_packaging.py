@@ -98,6 +98,9 @@ def test_installed_command_serves_and_streams_outside_the_checkout(installed, tm
             time.sleep(0.3)
         else:
             pytest.fail(f"not ready:\n{server.log_tail()}")
+        page = httpx.get(f"{server.http}/")  # the page's files are package data of `web`, found from the install
+        assert page.status_code == 200 and "<title>Omi audio server</title>" in page.text, page.text[:200]
+        assert httpx.get(f"{server.http}/web/audio-worklet.js").status_code == 200
         done = subprocess.run([str(installed / "omi-server"), "stream", str(SAMPLE_WAV), "--fast", "--url",
                                server.http, "--settle", "20"], cwd=tmp_path, env=env, capture_output=True, text=True,
                               timeout=240)
