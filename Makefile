@@ -3,6 +3,8 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# npm ci's record of what it installed (tests/js: the JavaScript client test)
+JS_STAMP := tests/js/node_modules/.package-lock.json
 HOST ?= 127.0.0.1
 PORT ?= 8080
 # The largest WebSocket message uvicorn takes (a larger one closes the stream, 1009) before the app sees it: audio
@@ -21,8 +23,14 @@ $(STAMP): requirements.txt requirements-dev.txt
 run: $(STAMP)
 	$(VENV)/bin/uvicorn server:app --host $(HOST) --port $(PORT) --ws-max-size $(WS_MAX_SIZE)
 
-test: lint browser
+test: lint browser $(JS_STAMP)
 	$(VENV)/bin/pytest -q
+
+# tests/test_deepgram_compat.py runs tests/js/deepgram_live.mjs with @deepgram/sdk from npm, pinned by the lockfile;
+# without node and npm that test skips and says why.
+$(JS_STAMP): tests/js/package.json tests/js/package-lock.json
+	@if command -v node >/dev/null && command -v npm >/dev/null; then cd tests/js && npm ci --no-audit --no-fund; \
+	else echo "node/npm missing: the @deepgram/sdk test in tests/test_deepgram_compat.py will skip"; fi
 
 # tests/test_page.py drives the page at / in Debian's chromium through chromium-driver (selenium, headless): installed
 # here when missing, as root with apt; where apt cannot be used the test skips and says why.
