@@ -12,7 +12,7 @@ PORT ?= 8080
 WS_MAX_SIZE ?= 1048576
 export PYANNOTE_METRICS_ENABLED := false
 
-.PHONY: run test lint browser bench bench-vad clean
+.PHONY: run test lint browser bench bench-vad clean image image-test
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -53,6 +53,14 @@ bench: $(STAMP)
 
 bench-vad: $(STAMP)
 	$(PY) bench/vad_der.py
+
+# The container image (Dockerfile.unified) with podman, no Docker engine or registry: deploy/image_build.sh (README
+# "Container image"). image-test: the server inside it answers /ready and /health and transcribes sample.wav.
+image:
+	deploy/image_build.sh
+
+image-test: $(STAMP)
+	deploy/image_smoke.sh
 
 clean:
 	rm -rf $(VENV)
