@@ -36,6 +36,9 @@ log = logging.getLogger(__name__)
 
 MAX_TEXT_BYTES = 64 * 1024  # control messages are tiny JSON objects
 LINGER_GAP_S = 0.25  # a stopping stream (server shutdown) ends once no message came for this long
+# After the idle deadline one more short receive: a message that arrived while the event loop was held up (a model
+# holding the GIL) is still waiting in the socket, and the stream is not idle.
+IDLE_RECHECK_S = 0.1
 NET0001_REASON = "Deepgram did not receive audio data or a text message within the timeout window. See NET-0001"
 CLOSE_NORMAL, CLOSE_ERROR = 1000, 1011
 
@@ -146,11 +149,14 @@ class LiveSession:
         """Reads until the stream ends; (close code, reason) to end with."""
         client = self.client
         last_message = time.monotonic()
+        rechecked = False
         while True:
             now = time.monotonic()
             stopping = client.stop_code is not None
             if stopping:
                 timeout = min(LINGER_GAP_S, client.stop_deadline - now)
+            elif rechecked:
+                timeout = IDLE_RECHECK_S
             else:
                 timeout = max(self.idle_timeout_s - (now - last_message), 0.01)
             try:
@@ -163,7 +169,11 @@ class LiveSession:
                     if stopping:
                         return client.stop_code, client.close_reason
                     continue  # a stop was requested just now: linger
+                if not rechecked:  # idle means the client sent nothing, not that this loop was held up
+                    rechecked = True
+                    continue
                 return CLOSE_ERROR, NET0001_REASON
+            rechecked = False
             if message["type"] == "websocket.disconnect":
                 client.gone = True
                 return CLOSE_NORMAL, "client gone"
