@@ -31,6 +31,10 @@ _FILLERS = ("<s>", "</s>", "<sil>", "[NOISE]", "[SPEECH]", "<unk>")
 # the second passes (fwdflat, bestpath) that only the final result uses: on sample.wav's 23 s region the
 # hypothesis stays nearly the same and the decode costs 0.13 s of CPU per second of speech instead of 0.27-0.29.
 PARTIAL_MAX_HMM_PER_FRAME = 3000
+# pocketsphinx holds the GIL while it decodes (its Cython binding has no `nogil`), so a call from a worker thread
+# stops the event loop for as long as it runs: audio goes in pieces of at most this many samples (0.25 s of speech,
+# ~30 ms of CPU), and the loop runs between them however much audio piled up.
+MAX_PIECE = SAMPLE_RATE // 4
 
 
 def decoder_words(decoder, offset_s: float = 0.0) -> list[Word]:
@@ -182,7 +186,9 @@ class PartialRegion:
                 self._decoder.start()
             decoder = self._decoder.decoder
             if chunks:
-                decoder.process_raw(np.concatenate(chunks).tobytes(), full_utt=False)
+                audio = np.concatenate(chunks)
+                for i in range(0, len(audio), MAX_PIECE):
+                    decoder.process_raw(audio[i : i + MAX_PIECE].tobytes(), full_utt=False)
             return decoder_words(decoder, self._offset_s) if look else None
 
     def _stop(self) -> None:
