@@ -292,15 +292,24 @@ async function enrolMyVoice() {
   $("enrol").disabled = true;
   state.enrolling = true;
   const chunks = [];
-  const collect = ({ pcm }) => chunks.push(pcm.slice(0)); // a copy: the live stream sends (and detaches) the frame
+  let collected = 0; // samples
+  let enough;
+  const recorded = new Promise((resolve) => (enough = resolve));
+  // Counted in samples, not wall-clock time: the server wants at least 5 s of audio, and a busy machine's audio
+  // thread may deliver late. A copy of each frame: the live stream sends the same buffer.
+  const collect = ({ pcm }) => {
+    chunks.push(pcm.slice(0));
+    collected += pcm.byteLength / 2;
+    const left = Math.ceil(seconds - collected / TARGET_RATE);
+    say(`Recording your voice: speak for ${left} s more...`);
+    if (collected >= seconds * TARGET_RATE) enough();
+  };
   const wasRunning = microphone.running;
   try {
     await microphone.start();
     microphone.listeners.add(collect);
-    for (let left = seconds; left > 0; left--) {
-      say(`Recording your voice: speak for ${left} s more...`);
-      await new Promise((resolve) => setTimeout(resolve, 1000));
-    }
+    say(`Recording your voice: speak for ${seconds} s...`);
+    await recorded;
     microphone.listeners.delete(collect);
     if (!wasRunning && !state.socket) await microphone.stop();
     say("Uploading...");
