@@ -240,11 +240,11 @@ function drawTimeline() {
   }
   // The mic level under them: speech stands out of the silence.
   g.fillStyle = "#71717a";
-  const barWidth = Math.max(1, width / (TIMELINE_WINDOW_S * 25));
+  const barWidth = Math.max(1, Math.round(width / (TIMELINE_WINDOW_S * 25)));
   for (const [t, level] of state.levels) {
     if (t < start) continue;
-    const h = Math.min(1, Math.sqrt(level) * 2) * (height / 2 - 4); // sqrt: quiet speech still shows
-    g.fillRect(x(t), height - h, barWidth, h);
+    const h = Math.round(Math.min(1, Math.sqrt(level) * 2) * (height / 2 - 4)); // sqrt: quiet speech still shows
+    g.fillRect(Math.round(x(t)), height - h, barWidth, h); // whole pixels: crisp bars, not blurred 1 px slivers
   }
   g.fillStyle = "#3f3f46";
   g.font = "10px sans-serif";
