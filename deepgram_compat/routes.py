@@ -193,9 +193,14 @@ listen_file.raw_audio_body = True  # upload_guard: the body is an upload (MAX_UP
 
 async def _json_body(request: Request, s: Any, request_id: str) -> JSONResponse:
     """Deepgram's `{"url": ...}` form: refused (SSRF), as is any other JSON."""
-    raw = await request.body()  # bounded by upload_guard
+    limit = int(s.max_json_body_kb * 1024)
+    spool = await _spool_body(request, limit)
+    if spool is None:
+        return _error_response(413, "PAYLOAD_TOO_LARGE", f"JSON body larger than {s.max_json_body_kb:g} KB",
+                               request_id)
     try:
-        body = json.loads(raw)
+        with spool:
+            body = json.loads(spool.read())
     except (ValueError, RecursionError):
         body = None
     if isinstance(body, dict) and "url" in body:
@@ -217,7 +222,9 @@ async def _transcribe_body(request: Request, options: ListenOptions, request_id:
         digest = await run(_sha256, spool)
         audio = await run(decode_upload, spool, options, s.max_upload_seconds)
     except AudioFileError as exc:
-        return _error_response(exc.status if exc.status != 422 else 400, "Bad Request", str(exc), request_id)
+        if exc.status == 413:
+            return _error_response(413, "PAYLOAD_TOO_LARGE", str(exc), request_id)
+        return _error_response(400, "Bad Request", str(exc), request_id)  # Deepgram answers unusable audio 400
     finally:
         spool.close()
     try:
