@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # `make image-test`: the built image serves. Inside the image (a buildah working container: `podman run` cannot
 # start containers on machines that refuse setrlimit, `buildah run --isolation chroot` can), as the image's user,
-# with an empty /data mounted as the only writable place the server needs:
+# with the image's /data volume as the only writable place it needs:
 #   1. the native pieces import (torch, torchaudio, PyAV, soundfile, webrtcvad, pocketsphinx, onnxruntime, ...)
 #      and the process runs as uid 10001;
 #   2. `uvicorn server:app` starts on a free loopback port (the container shares the host's network), /ready turns
 #      200 once the models are loaded, /health answers;
 #   3. ../shared/data/sample.wav (or SAMPLE) streams through /v4/listen with the project's CLI (host venv) and
 #      transcribed words come back;
-# then the server is stopped (SIGTERM, its graceful shutdown) and the working container removed.
+#   4. the server stops on SIGTERM (its graceful shutdown), and it wrote nothing outside /data (podman diff of the
+#      working container: a read-only root filesystem, as deploy/k8s runs it, would have refused any such write);
+# then the working container is removed.
 # Environment: IMAGE (default omi-server:latest), STORAGE_DRIVER (default overlay, as image_build.sh), SAMPLE,
 # READY_TIMEOUT (default 300 s: models load on a cold, busy CPU).
 set -euo pipefail
@@ -26,9 +28,7 @@ command -v buildah >/dev/null || { echo "image_smoke: SKIP: buildah is not insta
 podman --storage-driver "$STORAGE_DRIVER" image exists "$IMAGE" || { echo "image_smoke: no image $IMAGE: make image" >&2; exit 1; }
 
 PORT=$("$HOST_PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-DATA=$(mktemp -d /var/tmp/omi-smoke-data.XXXXXX)
 LOG=$(mktemp /var/tmp/omi-smoke-server.XXXXXX.log)
-chown 10001:10001 "$DATA" 2>/dev/null || chmod 777 "$DATA"
 CTR=""
 SERVER_PID=""
 cleanup() {
@@ -38,12 +38,11 @@ cleanup() {
         kill -KILL "$SERVER_PID" 2>/dev/null || true
     fi
     [ -n "$CTR" ] && "${BUILDAH[@]}" rm "$CTR" >/dev/null 2>&1 || true
-    rm -rf "$DATA"
 }
 trap cleanup EXIT
 
 CTR=$("${BUILDAH[@]}" from --pull-never "$IMAGE")
-RUN=("${BUILDAH[@]}" run --isolation chroot --network host -v "$DATA:/data" "$CTR" --)
+RUN=("${BUILDAH[@]}" run --isolation chroot --network host "$CTR" --)
 
 echo "image_smoke: imports and user"
 "${RUN[@]}" python -c '
@@ -82,6 +81,10 @@ for _ in $(seq 1 40); do kill -0 "$SERVER_PID" 2>/dev/null || break; sleep 1; do
 if kill -0 "$SERVER_PID" 2>/dev/null; then echo "image_smoke: FAIL: no exit 40 s after SIGTERM" >&2; exit 1; fi
 wait "$SERVER_PID" || true
 SERVER_PID=""
-echo "image_smoke: files the server wrote under /data: $(cd "$DATA" && find . -mindepth 1 -maxdepth 2 | sort | tr '\n' ' ')"
+# Volumes (/data) are not part of the container's diff: anything listed was written to the root filesystem.
+OUTSIDE=$(podman --storage-driver "$STORAGE_DRIVER" diff "$CTR" | awk '$1 != "C" {print $2}')
+if [ -n "$OUTSIDE" ]; then
+    echo "image_smoke: FAIL: written outside /data (a read-only root filesystem refuses these):" $OUTSIDE >&2; exit 1
+fi
 echo "image_smoke: PASS ($WORDS words transcribed)"
 rm -f "$LOG"
