@@ -122,9 +122,8 @@ def test_dockerfile_two_stages_non_root_healthcheck_and_the_k8s_command():
     assert deployment["spec"]["template"]["spec"]["securityContext"]["runAsUser"] == 10001
     # Where the libraries write (HOME, caches) is under /data, the one writable mount besides MODEL_CACHE_DIR.
     env = dict(re.findall(r"(\w+)=(\S+)", ops["ENV"]))
-    for key in ("DATA_DIR", "MODEL_CACHE_DIR", "HOME", "XDG_CACHE_HOME", "HF_HOME", "TORCH_HOME", "TORCHINDUCTOR_CACHE_DIR",
-                "TRITON_CACHE_DIR", "MPLCONFIGDIR",
-                "NUMBA_CACHE_DIR"):
+    for key in ("DATA_DIR", "MODEL_CACHE_DIR", "HOME", "XDG_CACHE_HOME", "HF_HOME", "TORCH_HOME",
+                "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "MPLCONFIGDIR", "NUMBA_CACHE_DIR"):
         assert env[key].startswith("/data"), key
 
 
