@@ -5,56 +5,60 @@ partial transcript comes from an incremental decoder when one is free (`streamin
 from __future__ import annotations
 
 import asyncio
-import queue
-import threading
+import multiprocessing
 import time
+from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 
 from streaming.sphinx_partials import PartialDecoders, PartialRegion, decoder_words
 from streaming.stt import SAMPLE_RATE, OnTranscript, SttSession, Transcript, Word
 
+# The final's decoder in each worker process of `LocalRecognizer` (made by `_make_decoder`, the pool's initializer).
+_decoder = None
+
+
+def _make_decoder() -> None:
+    global _decoder
+    from pocketsphinx import Decoder
+
+    _decoder = Decoder(samprate=SAMPLE_RATE, loglevel="FATAL")
+
+
+def _decode(pcm16: bytes) -> list[Word]:
+    """In a worker process: one utterance, words with times relative to the audio's start."""
+    # pocketsphinx adapts its feature normalisation (cepstral mean) across utterances; a fresh front end per
+    # utterance keeps one stream's audio from changing another stream's transcript (costs ~0.1 ms).
+    _decoder.reinit_feat()
+    _decoder.start_utt()
+    _decoder.process_raw(pcm16, full_utt=True)
+    _decoder.end_utt()
+    return decoder_words(_decoder)
+
 
 class LocalRecognizer:
-    """Shared pocketsphinx decoders. A decoder serves one utterance at a time; regions are independent utterances,
-    so no stream's state outlives its call. Thread-safe: decoders are checked out of a queue.
+    """Shared pocketsphinx decoders for finals: `decoders` worker processes, one decoder and one utterance at a time
+    each; regions are independent utterances, so no stream's state outlives its call. Processes, not threads:
+    pocketsphinx holds the GIL while it decodes, and a 29 s region's batch decode in a thread stopped the event loop
+    for 12 s here (every stream's messages with it). Thread-safe.
 
-    `partials` lends decoders for partial transcripts (`partial_decoders` at most, 0: no partials)."""
+    `partials` lends decoders for partial transcripts (`partial_decoders` at most, 0: no partials); those run in
+    threads, in pieces short enough for the event loop (`sphinx_partials.MAX_PIECE`)."""
 
     def __init__(self, decoders: int = 2, lazy: bool = False, partial_decoders: int = 0) -> None:
-        self._count = decoders
-        self._free: queue.Queue = queue.Queue()
-        self._made = False
-        self._lock = threading.Lock()
+        self._pool = ProcessPoolExecutor(max_workers=decoders, mp_context=multiprocessing.get_context("spawn"),
+                                         initializer=_make_decoder)
         self.partials = PartialDecoders(partial_decoders)
-        if not lazy:  # LAZY_MODELS: built by the first utterance (in its worker thread), ~1 s off the start-up
-            self._make()
-
-    def _make(self) -> None:
-        with self._lock:
-            if self._made:
-                return
-            from pocketsphinx import Decoder
-
-            for _ in range(self._count):
-                self._free.put(Decoder(samprate=SAMPLE_RATE, loglevel="FATAL"))
-            self._made = True
+        if not lazy:  # LAZY_MODELS: the processes start with the first utterance, ~1 s off the start-up
+            self.recognize(bytes(SAMPLE_RATE // 10))
 
     def recognize(self, pcm16: bytes) -> list[Word]:
-        """Blocking: run in a worker thread. Returns words with times relative to the audio's start."""
-        if not self._made:
-            self._make()
-        decoder = self._free.get()
-        try:
-            # pocketsphinx adapts its feature normalisation (cepstral mean) across utterances; a fresh front end per
-            # utterance keeps one stream's audio from changing another stream's transcript (costs ~0.1 ms).
-            decoder.reinit_feat()
-            decoder.start_utt()
-            decoder.process_raw(pcm16, full_utt=True)
-            decoder.end_utt()
-            return decoder_words(decoder)
-        finally:
-            self._free.put(decoder)
+        """Blocking (waits for a worker process): run in a worker thread. Returns words with times relative to the
+        audio's start."""
+        return self._pool.submit(_decode, pcm16).result()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 class LocalSession(SttSession):

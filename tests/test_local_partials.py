@@ -156,7 +156,8 @@ async def test_partials_show_words_while_they_are_spoken(partial_server, monolog
     assert max(figures["gaps"]) <= 3.0 and statistics.median(figures["gaps"]) <= 1.2, figures["gaps"]
     assert len(figures["partial_lags"]) >= speech_end * 0.6, figures["partial_lags"]
     assert max(figures["partial_lags"]) <= 2.0, figures["partial_lags"]
-    assert statistics.median(figures["word_lags"]) <= 1.5 and max(figures["word_lags"]) <= 2.0, figures["word_lags"]
+    # (an upper bound: it counts the new words' own length; about the interval plus the partial's lag)
+    assert statistics.median(figures["word_lags"]) <= 1.5 and max(figures["word_lags"]) <= 2.5, figures["word_lags"]
 
     # The finals replaced the partials: every id the client holds is a stored segment (or was emptied and deleted),
     # and each app version shows exactly the stored words, each once.
