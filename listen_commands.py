@@ -10,6 +10,8 @@ off:
   upload, and photo description is not built here.
 - `suggested_transcript` (the app's on-phone STT with `custom_stt=enabled`) and `skip_question` (onboarding):
   ignored; the server transcribes the audio itself.
+- `CloseStream` (ours, Deepgram's name; the Omi app never sends it): the stream ends as if the client had closed,
+  but the server sends the last transcript segments first, then closes 1000 (the CLI's end of a file).
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ from streaming.tagging import WINDOW_S
 log = logging.getLogger("server")
 
 IGNORED_COMMANDS = frozenset({"image_chunk", "suggested_transcript", "skip_question"})
+# Ours, not Omi's (Deepgram's name): finish the stream now. What was received is transcribed and sent, then the server
+# closes with 1000, so a client streaming a file knows when it has everything (a close of its own would cut that off).
+CLOSE_STREAM = "CloseStream"
 
 
 @dataclass(frozen=True)
@@ -48,10 +53,11 @@ class CommandContext:
 MAX_COMMAND_CHARS = 256 * 1024
 
 
-async def handle_text(ctx: CommandContext, text: str) -> None:
+async def handle_text(ctx: CommandContext, text: str) -> bool:
+    """Applies one text command. True when the client asked to end the stream (`CloseStream`)."""
     if len(text) > MAX_COMMAND_CHARS:
         log.warning("ignoring a text frame of %d chars (over %d)", len(text), MAX_COMMAND_CHARS)
-        return
+        return False
     try:
         command = json.loads(text)
         kind = command.get("type") if isinstance(command, dict) else None
@@ -61,10 +67,13 @@ async def handle_text(ctx: CommandContext, text: str) -> None:
         kind = None
     if kind == "speaker_assigned":
         await assign_speaker(ctx, command)
+    elif kind == CLOSE_STREAM:
+        return True
     elif kind in IGNORED_COMMANDS:
         log.debug("ignoring %s (not served here)", kind)
     else:
         log.warning("ignoring text frame of %d chars (type=%r)", len(text), kind)
+    return False
 
 
 async def assign_speaker(ctx: CommandContext, command: dict[str, Any]) -> None:

@@ -301,7 +301,8 @@ async def receive_loop(client: WsClient, route, s: Settings, on_text, uid: str =
                 return await _end_on_failure(client, exc, uid)
         elif message.get("text") is not None:
             try:
-                await on_text(message["text"])
+                if await on_text(message["text"]):
+                    return CloseCode.NORMAL  # CloseStream: the session finishes the pipelines, then closes
             except Exception as exc:
                 return await _end_on_failure(client, exc, uid)
 

@@ -1,9 +1,11 @@
 """`omi-server stream`: audio to `/v4/listen` at real time (or as fast as the server takes it), the transcript shown
 as it grows, and the final transcript written with `--out`.
 
-The end of a file is followed by `TAIL_SILENCE_S` of silence, so the server's VAD closes the last speech region and
-its transcript comes back; the client then waits until the server has sent nothing for `settle_s` (bounded by
-`max_wait_s`) and closes. A stream the server closes early ends with the exit code its close code means.
+When the audio ends (the file's end, or Ctrl-C on the microphone) the client sends the server's `CloseStream` text
+command: the server transcribes what it received, sends the last segments and closes with 1000, so the client has
+the whole transcript without guessing how long decoding takes (a close of the client's own would cut it off). A
+server that does not know the command is closed after `max_wait_s`. A stream the server closes early ends with the
+exit code its close code means.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Iterable
@@ -23,7 +26,7 @@ from omi_cli.audio_in import FRAME_MS, RATE, OpusEncoder, encoded, pcm16_frames
 from omi_cli.errors import OK, REFUSED_AUTH, UNREACHABLE, CliError, code_for_close
 from transcript_export import speaker_name
 
-TAIL_SILENCE_S = 2.0
+CLOSE_STREAM = json.dumps({"type": "CloseStream"})
 COLOURS = ("cyan", "magenta", "green", "yellow", "blue", "red", "bright_cyan", "bright_magenta")
 
 
@@ -113,8 +116,7 @@ async def _frames_at_pace(frames: Iterable[bytes], fast: bool, on_sent) -> Async
 
 
 async def stream(base_url: str, token: str | None, audio_frames: AsyncIterator[bytes], *, codec: str,
-                 language: str, view, total_s: float | None, settle_s: float = 8.0,
-                 max_wait_s: float = 120.0) -> StreamOutcome:
+                 language: str, view, total_s: float | None, max_wait_s: float = 120.0) -> StreamOutcome:
     """Streams `audio_frames` (already paced and encoded as `codec`); returns what the server sent."""
     from websockets.asyncio.client import connect
     from websockets.exceptions import ConnectionClosed, InvalidStatus
@@ -122,7 +124,6 @@ async def stream(base_url: str, token: str | None, audio_frames: AsyncIterator[b
     query = urlencode({"codec": codec, "sample_rate": RATE, "language": language, "channels": 1, "source": "cli"})
     url = api.ws_url(base_url, f"/v4/listen?{query}")
     outcome = StreamOutcome()
-    last_message = time.monotonic()
     try:
         ws = await connect(url, additional_headers=api.headers(token), max_size=2**22, open_timeout=30)
     except InvalidStatus as exc:
@@ -133,12 +134,10 @@ async def stream(base_url: str, token: str | None, audio_frames: AsyncIterator[b
         raise CliError(f"no server answers at {api.http_url(base_url, '')}: {exc}", UNREACHABLE) from exc
 
     async def read() -> None:
-        nonlocal last_message
         try:
             async for message in ws:
-                if message == "ping":  # the heartbeat says nothing about the transcript
+                if message == "ping":
                     continue
-                last_message = time.monotonic()
                 payload = json.loads(message)
                 if isinstance(payload, list):
                     for seg in payload:
@@ -158,13 +157,13 @@ async def stream(base_url: str, token: str | None, audio_frames: AsyncIterator[b
                 if reader.done():
                     break
                 await ws.send(frame)
-            deadline = time.monotonic() + max_wait_s
-            while not reader.done() and time.monotonic() < deadline:
-                if time.monotonic() - last_message >= settle_s:
-                    break
-                await asyncio.sleep(0.1)
             if not reader.done():
-                await ws.close()
+                with contextlib.suppress(ConnectionClosed):
+                    await ws.send(CLOSE_STREAM)
+                done, _ = await asyncio.wait({reader}, timeout=max_wait_s)
+                if not done:
+                    print(f"no end from the server after {max_wait_s:.0f} s: closing", file=sys.stderr)
+                    await ws.close()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(reader, timeout=30)
         finally:
@@ -174,12 +173,10 @@ async def stream(base_url: str, token: str | None, audio_frames: AsyncIterator[b
 
 
 async def stream_file(base_url: str, token: str | None, audio, *, codec: str, language: str, fast: bool, view,
-                      settle_s: float, max_wait_s: float) -> StreamOutcome:
-    """A whole signal (16 kHz float32) plus the tail of silence, paced, as `codec` frames."""
-    import numpy as np
-
+                      max_wait_s: float) -> StreamOutcome:
+    """A whole signal (16 kHz float32), paced, as `codec` frames."""
     total_s = len(audio) / RATE
-    frames = pcm16_frames(np.concatenate([audio, np.zeros(int(TAIL_SILENCE_S * RATE), dtype=np.float32)]))
+    frames = pcm16_frames(audio)
     if codec == "opus":
         frames = list(encoded(frames, "opus"))  # one packet per 20 ms frame: the same pacing
 
@@ -187,19 +184,23 @@ async def stream_file(base_url: str, token: str | None, audio, *, codec: str, la
         view.progress(min(total_s, n * FRAME_MS / 1000), total_s)
 
     return await stream(base_url, token, _frames_at_pace(frames, fast, on_sent), codec=codec, language=language,
-                        view=view, total_s=total_s, settle_s=settle_s, max_wait_s=max_wait_s)
+                        view=view, total_s=total_s, max_wait_s=max_wait_s)
 
 
 async def encode_live(frames: AsyncIterator[bytes], codec: str) -> AsyncIterator[bytes]:
-    """Microphone frames encoded as they come."""
-    if codec == "pcm16":
+    """Microphone frames encoded as they come, until Ctrl-C (then the stream is closed properly: `CloseStream`)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    encoder = OpusEncoder() if codec == "opus" else None
+    try:
         async for frame in frames:
-            yield frame
-        return
-    encoder = OpusEncoder()
-    async for frame in frames:
-        for packet in encoder.encode(frame):
-            yield packet
+            if stop.is_set():
+                break
+            for packet in (encoder.encode(frame) if encoder is not None else [frame]):
+                yield packet
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)
 
 
 def finish(outcome: StreamOutcome) -> int:

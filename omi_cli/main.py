@@ -61,10 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     stream.add_argument("--format", choices=["json", "txt", "srt", "vtt", "rttm"],
                         help="format of --out (default: from its suffix, else json)")
     stream.add_argument("--plain", action="store_true", help="one line per segment update, even on a terminal")
-    stream.add_argument("--settle", type=float, default=8.0,
-                        help="after the audio, wait until the server has sent nothing this long (default 8 s: the "
-                             "offline STT decodes a long speech region only once it ends)")
-    stream.add_argument("--max-wait", type=float, default=120.0, help="wait at most this long after the audio")
+    stream.add_argument("--max-wait", type=float, default=300.0,
+                        help="after the audio, wait at most this long for the server's last segments (default 300 s)")
     _client_options(stream)
 
     vad = commands.add_parser("vad", help="the speech regions of a file (POST /v1/vad, or --local)",
@@ -133,13 +131,12 @@ def cmd_stream(args: argparse.Namespace) -> int:
         total_s = len(audio) / 16000
         view = live.PlainView(sys.stdout) if plain else live.RichView(args.file.name, total_s)
         run = live.stream_file(args.url, args.token, audio, codec=args.codec, language=args.language, fast=args.fast,
-                               view=view, settle_s=args.settle, max_wait_s=args.max_wait)
+                               view=view, max_wait_s=args.max_wait)
         name = args.file.stem
     else:
         view = live.PlainView(sys.stdout) if plain else live.RichView("microphone", None)
         run = live.stream(args.url, args.token, live.encode_live(microphone_frames(), args.codec), codec=args.codec,
-                          language=args.language, view=view, total_s=None, settle_s=args.settle,
-                          max_wait_s=args.max_wait)
+                          language=args.language, view=view, total_s=None, max_wait_s=args.max_wait)
         name = "microphone"
     try:
         outcome = asyncio.run(run)

@@ -53,7 +53,7 @@ def test_stream_prints_the_transcript_as_it_grows_and_writes_srt(local_server, t
     out = tmp_path / "sample.srt"
     started = time.monotonic()
     proc = subprocess.Popen([*CLI, "stream", str(SAMPLE_WAV), "--url", local_server.http, "--token", "cli-stream",
-                             "--out", str(out), "--settle", "20"],
+                             "--out", str(out)],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     first_line_at = None
     lines = []
@@ -80,7 +80,7 @@ def test_stream_fast_with_opus_writes_json_and_rttm(local_server, tmp_path):
     for suffix in ("json", "rttm"):
         out = tmp_path / f"t.{suffix}"
         done = run_cli("stream", str(SAMPLE_WAV), "--fast", "--codec", "opus", "--url", local_server.http,
-                       "--token", f"cli-opus-{suffix}", "--out", str(out), "--settle", "20")
+                       "--token", f"cli-opus-{suffix}", "--out", str(out))
         assert done.returncode == 0, done.stderr
         if suffix == "json":
             segments = json.loads(out.read_text())["segments"]

@@ -102,7 +102,7 @@ def test_installed_command_serves_and_streams_outside_the_checkout(installed, tm
         assert page.status_code == 200 and "<title>Omi audio server</title>" in page.text, page.text[:200]
         assert httpx.get(f"{server.http}/web/audio-worklet.js").status_code == 200
         done = subprocess.run([str(installed / "omi-server"), "stream", str(SAMPLE_WAV), "--fast", "--url",
-                               server.http, "--settle", "20"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                               server.http], cwd=tmp_path, env=env, capture_output=True, text=True,
                               timeout=240)
         assert done.returncode == 0, done.stderr
         lines = [line for line in done.stdout.splitlines() if line.strip()]

@@ -177,3 +177,16 @@ def test_test_servers_do_not_read_the_checkouts_env_file(local_server):
     cwd = Path(os.readlink(f"/proc/{local_server.proc.pid}/cwd"))
     assert cwd != Path(__file__).resolve().parents[1]
     assert cwd == local_server.log_path.parent
+
+
+async def test_close_stream_sends_the_last_segments_then_closes_1000(local_server):
+    """`CloseStream` after a file with no trailing silence: the open region is transcribed and sent before the
+    server closes 1000. Ignoring the command would leave the stream open until the client's own timeout."""
+    frames: list[bytes | str] = [*pcm16_frames(read_wav(SAMPLE_WAV)), '{"type": "CloseStream"}']
+    result = await stream_frames(f"{local_server.ws}/v4/listen?codec=pcm16&sample_rate=16000", frames,
+                                 close=False, timeout_s=60)
+    assert result.close_code == 1000, (result.close_code, result.close_reason)
+    segments = result.ordered()
+    assert sum(len(s["text"].split()) for s in segments) > 20, segments
+    assert max(s["end"] for s in segments) > 25  # the region still open at the file's end came back
+    assert not result.errors()
