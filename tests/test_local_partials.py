@@ -241,3 +241,50 @@ def test_a_partial_that_shrinks_to_nothing_takes_its_words_back():
     b.preview(Transcript(words(("a", 2.0)), False, False), SpeakerLabel(0))
     [back] = b.preview(Transcript((), False, False), SpeakerLabel(0))
     assert back.id == first.id and back.text == "hello"
+
+
+async def test_partials_go_to_the_client_only(monologue):
+    """A real pipeline (silero VAD, pocketsphinx finals and partials) with its three outlets recorded: storage
+    (`persist`), the webhook-tapped `emit`, and `emit_partial`. Only finals are stored or tapped: every text there
+    is a word prefix of the offline decode's transcript (one speaker, so one growing segment), while partials
+    (which pocketsphinx's live search hears differently) go to `emit_partial` alone."""
+    from streaming.codecs import make_decoder
+    from streaming.pipeline import Pipeline
+    from streaming.protocol import TranscriptSegment
+    from streaming.stt import SttFactory
+    from streaming.vad import SileroVad, VadParams
+
+    audio = np.concatenate([monologue[: 20 * SR], np.zeros(2 * SR, np.float32)])
+    frames = pcm16_frames(audio)
+    expected = " ".join(offline_words(decoded("pcm16", 16000, frames)))
+    settings = Settings(stt_backend="local", local_partial_interval_s=0.2, local_partial_decoders=1)
+    stored: list[str] = []
+    tapped: list[str] = []
+    partial: list[str] = []
+
+    async def persist(segments: list[TranscriptSegment]) -> None:
+        stored.extend(s.text for s in segments)
+
+    async def emit(message) -> None:
+        tapped.extend(s["text"] for s in message if isinstance(message, list))
+
+    async def emit_partial(message) -> None:
+        if isinstance(message, list):
+            partial.extend(s["text"] for s in message)
+
+    pipeline = Pipeline(decoder=make_decoder("pcm16", 16000, 1), vad_backend=SileroVad(),
+                        vad_params=VadParams.from_settings(settings), stt_factory=SttFactory(settings),
+                        language="en", emit=emit, emit_partial=emit_partial, persist=persist)
+    await pipeline.start()
+    for i, frame in enumerate(frames):
+        await pipeline.feed(frame)
+        if i % 10 == 9:
+            await asyncio.sleep(0.05)  # 200 ms of audio per 50 ms: partials come on the wall clock
+    await pipeline.finish()
+
+    def is_final(text: str) -> bool:
+        return expected == text or expected.startswith(text + " ")
+
+    assert stored and tapped and all(map(is_final, stored)) and all(map(is_final, tapped)), (stored, tapped)
+    assert stored[-1] == tapped[-1] == expected
+    assert [text for text in partial if not is_final(text)], "no partial was sent"
