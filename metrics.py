@@ -100,12 +100,16 @@ _POOL_QUEUED = Gauge(PREFIX + "pool_queued", "requests waiting in a model pool q
 LabelSet = tuple[tuple[str, str], ...]
 
 
-def register(name: str, help_text: str) -> None:
-    """Declare a labelled counter (idempotent: a module may be imported more than once)."""
+def register(name: str, help_text: str, labels: tuple[str, ...] | None = None) -> None:
+    """Declare a labelled counter (idempotent: a module may be imported more than once). With its label names it
+    is exported at once (HELP and TYPE, no sample yet), so dashboards find it before its first event; without, it
+    appears at its first `inc`."""
     if name in _HELP:
         raise ValueError(f"{name} is an unlabelled metric")
     with _lock:
         _labelled_help.setdefault(name, help_text)
+    if labels is not None:
+        _labelled_counter(name, tuple(sorted(labels)))
 
 
 def _labelled_counter(name: str, label_names: tuple[str, ...]) -> Counter:

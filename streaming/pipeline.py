@@ -9,12 +9,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import numpy as np
 
+import metrics
 from streaming.codecs import DecodeError, FrameDecoder
 from streaming.pool import VadJob
 from streaming.protocol import ErrorEvent, TranscriptSegment
@@ -146,6 +148,12 @@ class Pipeline:
         self.timeline = SentTimeline()
         self.segments = SegmentBuilder(self.timeline, time_offset, tail, fixed_label)
         self.stt: SttSession = stt_factory.session(self._on_transcript, language, self._on_stt_error)
+        # Metrics: the STT backend's name (a bounded label), and when each region sent to STT ended, oldest first,
+        # to time its final (bounded: a backend that answers some regions with nothing must not grow it).
+        self._stt_backend = str(getattr(stt_factory, "backend", "unknown"))
+        self._speech_sent = metrics.STT_SPEECH_SECONDS.labels(backend=self._stt_backend)
+        self._stt_round_trip = metrics.STT_ROUND_TRIP.labels(backend=self._stt_backend)
+        self._region_ends: deque[float] = deque(maxlen=64)
         self.stats = PipelineStats()
         self.tagger = tagger
         self._keepalive_s = keepalive_s
@@ -191,6 +199,7 @@ class Pipeline:
                 batch, self._inbox, self._inbox_bytes = self._inbox, [], 0
                 job = await self._run_vad(FrameJob(self._decoder, self._vad, batch))
                 self.stats.stream_samples += job.samples
+                metrics.AUDIO_RECEIVED_SECONDS.inc(job.samples / SAMPLE_RATE)
                 self._tap(job.audio)
                 await self._forward(job.events)
                 for index, problem in job.bad:
@@ -245,6 +254,7 @@ class Pipeline:
         """The decoder's last audio, and the VAD events it and the VAD's own flush make."""
         tail = self._decoder.flush()
         self.stats.stream_samples += len(tail)
+        metrics.AUDIO_RECEIVED_SECONDS.inc(len(tail) / SAMPLE_RATE)
         events = self._vad.process(tail) if len(tail) else []
         return tail, _speech_as_pcm(events + self._vad.flush())
 
@@ -255,11 +265,13 @@ class Pipeline:
                 if self.tagger is not None:
                     self.tagger.add_audio(ev.pcm)
                 self.stats.sent_samples += len(ev.pcm)
+                self._speech_sent.inc(len(ev.pcm) / SAMPLE_RATE)
                 self._last_sent = time.monotonic()
                 await self.stt.send(ev.pcm)
             elif isinstance(ev, SpeechEnd):
                 self.stats.regions += 1
                 self._last_sent = time.monotonic()
+                self._region_ends.append(self._last_sent)
                 await self.stt.finalize()
             elif isinstance(ev, SpeechStart) and self._speech_start_tap is not None:
                 await self._speech_start_tap(ev.sample)
@@ -296,6 +308,9 @@ class Pipeline:
                 await self._result_tap(transcript, None)
             await self._show(self.segments.preview(transcript, self._partial_label()))
             return
+        received = time.monotonic()
+        if transcript.speech_final and self._region_ends:
+            self._stt_round_trip.observe(received - self._region_ends.popleft())
         labels, relabels = None, {}
         words = [w for w in transcript.words if w.text.strip()]
         if self.tagger is not None and words:
@@ -311,6 +326,8 @@ class Pipeline:
         if self._result_tap is not None:
             await self._result_tap(transcript, labels)
         await self._deliver(changed)
+        if changed:
+            metrics.SEGMENT_LATENCY.observe(time.monotonic() - received)
         await self._show(self.segments.settle(changed))  # what partials showed that the final did not send
 
     def _partial_label(self) -> SpeakerLabel:

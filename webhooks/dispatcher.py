@@ -51,10 +51,10 @@ LOG_KEYS_MAX = 10_000
 SIDE_TASKS_MAX = 1000  # on_message calls running at once; beyond, a message is dropped (logged)
 JSON_TYPES = (WebhookType.memory_created, WebhookType.day_summary)
 
-metrics.register("webhook_deliveries_total", "developer-webhook deliveries by type and outcome")
-metrics.register("webhook_retries_total", "developer-webhook requests sent again after a failed try")
+metrics.register("webhook_deliveries_total", "developer-webhook deliveries by type and outcome", ("outcome", "type"))
+metrics.register("webhook_retries_total", "developer-webhook requests sent again after a failed try", ("type",))
 metrics.register("webhook_delivery_seconds_total", "time from submit to the receiver's answer, summed over "
-                                                   "delivered developer-webhook deliveries")
+                                                   "delivered developer-webhook deliveries", ("type",))
 
 OnMessage = Callable[[str, str], Awaitable[None]]
 
