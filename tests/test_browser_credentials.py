@@ -70,7 +70,8 @@ async def test_wrong_token_in_the_subprotocol_is_refused(admin_server, authoriza
     [LISTEN_SUBPROTOCOL, CREDENTIAL_SUBPROTOCOL_PREFIX + "***not-base64***"],
     [LISTEN_SUBPROTOCOL, CREDENTIAL_SUBPROTOCOL_PREFIX],  # empty
     [credential_subprotocol(f"Bearer {ADMIN_KEY}page-user")],  # without omi.listen nothing could be chosen
-    [LISTEN_SUBPROTOCOL, credential_subprotocol(f"Bearer {ADMIN_KEY}a"), credential_subprotocol(f"Bearer {ADMIN_KEY}b")],
+    [LISTEN_SUBPROTOCOL, credential_subprotocol(f"Bearer {ADMIN_KEY}a"),
+     credential_subprotocol(f"Bearer {ADMIN_KEY}b")],
 ])
 async def test_malformed_subprotocol_credentials_are_refused(admin_server, subprotocols):
     assert await refused_status(admin_server, subprotocols, origin=admin_server.http) == 403
