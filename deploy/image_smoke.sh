@@ -69,7 +69,7 @@ done
 echo "image_smoke: ready in $(( $(date +%s) - t0 )) s; /health: $(curl -fsS "http://127.0.0.1:$PORT/health")"
 
 echo "image_smoke: streaming $SAMPLE"
-OUT=$("$HOST_PY" -m omi_cli stream "$SAMPLE" --fast --plain --url "http://127.0.0.1:$PORT" --settle 20 --max-wait 240)
+OUT=$("$HOST_PY" -m omi_cli stream "$SAMPLE" --fast --plain --url "http://127.0.0.1:$PORT" --max-wait 240)
 echo "$OUT" | tail -5
 WORDS=$(echo "$OUT" | grep -oE '[A-Za-z]{2,}' | wc -l)
 if [ "$WORDS" -lt 5 ]; then
