@@ -110,6 +110,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await st.webhooks.aclose(WEBHOOK_SHUTDOWN_GRACE_S)  # after the streams and jobs that feed it
         await notifier.aclose()
         await st.pool.close()
+        await st.stt_factory.aclose()
         batch_threads(st).close()
         await st.conversations.summarizer.aclose()
         await st.storage.close()
@@ -143,7 +144,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                 status_code=503)
         storage_ok = await st.storage.ping()
         ok = (storage_ok and st.active_streams < st.settings.max_streams and not st.pool.saturated
-              and not st.pool.models_failed)
+              and not st.pool.models_failed
+              and not any(v.startswith("failed") for v in st.stt_factory.status().values()))
         body = {
             "ready": ok,
             "vad": st.vad_backend.name,
@@ -152,7 +154,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             "storage": storage_ok,
             "pool": st.pool.stats(),
             "pool_saturated": st.pool.saturated,
-            "models": st.pool.model_status(),
+            "models": st.pool.model_status() | st.stt_factory.status(),
             "active_streams": st.active_streams,
         }
         return JSONResponse(body, status_code=200 if ok else 503)

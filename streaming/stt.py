@@ -13,6 +13,7 @@ Backends:
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
@@ -157,6 +158,22 @@ class SttFactory:
             from streaming.stt_whisper import WhisperRecognizer
 
             self._whisper = WhisperRecognizer(settings)  # one model and batching worker for every stream
+
+    def status(self) -> dict[str, str]:
+        """The shared STT model's state for `/ready` (whisper loads a model; the other backends have none to wait
+        for): "ready", "loading", "lazy", or "failed: ..."."""
+        if self._whisper is not None:
+            return {"stt": self._whisper.status}
+        return {}
+
+    async def aclose(self) -> None:
+        """At shutdown, after the streams: the worker processes, the model's thread, the pooled HTTP client."""
+        if self._recognizer is not None:
+            self._recognizer.close()
+        if self._whisper is not None:
+            await asyncio.to_thread(self._whisper.close)
+        if self._transcriber is not None:
+            await self._transcriber.aclose()
 
     def session(self, on_transcript: OnTranscript, language: str, on_error: OnError | None = None) -> SttSession:
         if self.backend == "deepgram":

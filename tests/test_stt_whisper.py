@@ -187,6 +187,8 @@ async def test_server_streams_sample_through_whisper(tiny_model, tmp_path, sampl
                                      "MODEL_DEVICE": "cpu", "WHISPER_COMPUTE_TYPE": "float32",
                                      "WHISPER_CPU_THREADS": "1"})
     try:
+        ready = __import__("httpx").get(f"{server.http}/ready", timeout=10).json()
+        assert ready["stt"] == "whisper" and ready["models"]["stt"] == "ready", ready
         frames = pcm16_frames(sample) + silence_frames(1.5)
         # The live VAD makes two regions of sample.wav: the first "Hello?" (6.5-7.5 s) and 8.2-30.4 s (its pauses
         # are shorter than the hangover). The random model gives each a word or a few anywhere inside it, so a
