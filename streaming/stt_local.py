@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import multiprocessing.connection
+import os
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 
@@ -23,6 +26,16 @@ def _make_decoder() -> None:
     from pocketsphinx import Decoder
 
     _decoder = Decoder(samprate=SAMPLE_RATE, loglevel="FATAL")
+    # A server killed without its shutdown (SIGKILL, OOM) would leave this process waiting for work forever, holding
+    # its ~200 MB: it ends itself once its parent is gone.
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        threading.Thread(target=_exit_with, args=(parent.sentinel,), name="parent-watch", daemon=True).start()
+
+
+def _exit_with(sentinel: int) -> None:
+    multiprocessing.connection.wait([sentinel])
+    os._exit(0)
 
 
 def _decode(pcm16: bytes) -> list[Word]:
