@@ -3,6 +3,8 @@ loopback-only auth) and a real WebSocket client streaming real speech in every c
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 from audio_tools import encode_opus
@@ -43,10 +45,16 @@ def sample() -> np.ndarray:
     return read_wav(SAMPLE_WAV)
 
 
+@functools.cache
+def _recognizer() -> LocalRecognizer:
+    """One for the test session: its decoder lives in a worker process, started once (~1 s)."""
+    return LocalRecognizer(decoders=1)
+
+
 def offline_words(audio: np.ndarray) -> list[str]:
     """The same VAD and recogniser run in-process over a whole 16 kHz signal: what a stream must reproduce."""
     vad = StreamingVAD(SileroVad(), VadParams.from_settings(Settings()))
-    recognizer, region, words = LocalRecognizer(decoders=1), [], []
+    recognizer, region, words = _recognizer(), [], []
     for ev in vad.process(audio) + vad.flush():
         if isinstance(ev, SpeechAudio):
             region.append(ev.audio)
