@@ -142,6 +142,9 @@ class Settings(BaseSettings):
     max_frame_bytes: int = 64 * 1024
     max_streams: int = 200
     max_streams_per_user: int = Field(default=0, ge=0)  # 0: no limit (as Omi); else the newest replaces the oldest
+    # How often an open stream checks storage for what other replicas did: its conversation closed there (the client
+    # gets memory_processing_started / memory_created), its place taken by a newer stream (MAX_STREAMS_PER_USER).
+    stream_sync_s: float = Field(default=5.0, gt=0)
     ws_send_queue_max: int = Field(default=256, gt=0)  # messages queued for a client that is not reading them
     ws_slow_client_timeout_s: float = Field(default=30.0, gt=0)  # a send stuck this long closes the client
     shutdown_grace_s: float = Field(default=20.0, ge=0)  # SIGTERM: streams get this long to finish and close

@@ -20,7 +20,8 @@ No state is left behind and no close is undone, on any number of replicas (stora
   a new conversation, instead of setting the closed one back to `in_progress`.
 
 `ConversationService` is shared (one per app) and holds no per-stream state, only the registry of which
-connections of a user are listening for conversation events.
+connections of a user are listening for conversation events in this process. A connection on another replica hears
+of a close by reading storage (`StreamEvents.sync`, every STREAM_SYNC_S).
 """
 
 from __future__ import annotations
@@ -214,6 +215,48 @@ class ConversationService:
         return closed
 
 
+class StreamEvents:
+    """One stream's conversation events (`memory_processing_started`, `memory_created`), each at most once per
+    conversation whichever way it came: pushed by a close in this process (`ConversationService.listen` →
+    `deliver`), or found by the stream's own look at storage (`sync`, every STREAM_SYNC_S), which is how a stream
+    hears of a close made on another replica (the sweep runs on one replica; `POST /v1/conversations` on any).
+    `sync` reads only the conversations this stream wrote to (`watch`) until each one's `memory_created` went out."""
+
+    def __init__(self, storage: Storage, uid: str, send: Listener) -> None:
+        self.storage, self.uid, self.send = storage, uid, send
+        self.sent: set[tuple[str, str]] = set()  # (conversation id, event type) sent to this client
+        self.watched: dict[str, None] = {}  # conversation ids, in the order the stream wrote to them
+
+    def watch(self, conversation_id: str) -> None:
+        if (conversation_id, "memory_created") not in self.sent:
+            self.watched.setdefault(conversation_id, None)
+
+    async def deliver(self, event: dict[str, Any]) -> None:
+        memory = event.get("memory") or {}
+        key = (memory.get("id", ""), event.get("type", ""))
+        if key in self.sent:
+            return
+        self.sent.add(key)
+        if key[1] == "memory_created":
+            self.watched.pop(key[0], None)
+        await self.send(event)
+
+    async def sync(self) -> None:
+        """Sends what storage shows and this client was not told: a watched conversation `processing` (started),
+        `completed` or `discarded` (created). Raises what storage raised (the caller tries again later)."""
+        for conversation_id in list(self.watched):
+            conv = await self.storage.get_conversation(self.uid, conversation_id)
+            if conv is None:  # deleted meanwhile
+                self.watched.pop(conversation_id, None)
+                continue
+            if conv.status == "in_progress":
+                continue
+            kind = "memory_processing_started" if conv.status == "processing" else "memory_created"
+            if (conv.id, kind) in self.sent:
+                continue
+            await self.deliver(memory_event(kind, conv, await self.storage.list_segments(self.uid, conv.id)))
+
+
 class ConversationLink:
     """Ties one stream to its conversation: stores segments before they are sent, and starts a new conversation
     when the sweep closed the current one while the stream went on (a long silence)."""
@@ -222,6 +265,7 @@ class ConversationLink:
         self.service, self.conversation = service, conversation
         self.language, self.timeout_s = language, timeout_s
         self.pipeline: Pipeline | None = None  # set once the stream's pipeline exists
+        self.on_attach: Callable[[str], None] | None = None  # told the id of each new conversation it moves to
 
     async def persist(self, segments: list) -> None:
         """Safe to call again with the same segments after it raised (the pipeline retries while storage is
@@ -233,6 +277,8 @@ class ConversationLink:
             await self.service.record(self.conversation, self._stored(segments))
         except ConversationClosed:
             self.conversation = await self.service.attach(self.conversation.uid, self.language, self.timeout_s)
+            if self.on_attach is not None:
+                self.on_attach(self.conversation.id)
             shift = min(s.start for s in segments)  # the new conversation's clock starts at its first words
             self.pipeline.segments.restart(self.pipeline.segments.offset - shift)
             for seg in segments:

@@ -18,7 +18,7 @@ from typing import Any
 from starlette.websockets import WebSocketDisconnect
 
 from config import Settings
-from conversations import ConversationLink, ConversationService
+from conversations import ConversationLink, ConversationService, StreamEvents
 from listen_commands import CommandContext, handle_text
 from streaming.codecs import make_decoder
 from streaming.pipeline import Pipeline
@@ -132,7 +132,12 @@ async def _serve_stream(client: WsClient, params: ListenParams, uid: str, st: An
              len(channels))
 
     heartbeat = asyncio.create_task(_heartbeat(client, s.heartbeat_s))
-    stop_listening = service.listen(uid, client.send_json)
+    events = StreamEvents(st.storage, uid, client.send_json)
+    for link in links:
+        events.watch(link.conversation.id)
+        link.on_attach = events.watch
+    stop_listening = service.listen(uid, events.deliver)
+    syncing = asyncio.create_task(_sync(client, events, s.stream_sync_s))
     close_code = CloseCode.NORMAL
     commands = CommandContext(uid, pipelines, st.storage, st.pool.embedder_name)
     route = _router(channels, pipelines)
@@ -140,6 +145,7 @@ async def _serve_stream(client: WsClient, params: ListenParams, uid: str, st: An
         close_code = await receive_loop(client, route, s, lambda text: handle_text(commands, text), uid)
     finally:
         heartbeat.cancel()
+        syncing.cancel()
         failed = await _finish_all(client, pipelines, uid)  # never raises: what follows always runs
         if failed is not None and close_code in (CloseCode.NORMAL, CloseCode.GOING_AWAY):
             close_code = failed
@@ -305,6 +311,17 @@ async def receive_loop(client: WsClient, route, s: Settings, on_text, uid: str =
                     return CloseCode.NORMAL  # CloseStream: the session finishes the pipelines, then closes
             except Exception as exc:
                 return await _end_on_failure(client, exc, uid)
+
+
+async def _sync(client: WsClient, events: StreamEvents, every_s: float) -> None:
+    """What other replicas did, from storage, every STREAM_SYNC_S: a close of this stream's conversation there
+    (`StreamEvents.sync`). Storage down: tried again next time."""
+    while not client.gone:
+        await asyncio.sleep(every_s)
+        try:
+            await events.sync()
+        except Exception as exc:
+            log.debug("stream sync failed: %s", type(exc).__name__)
 
 
 async def _heartbeat(client: WsClient, every_s: float) -> None:
