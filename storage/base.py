@@ -251,6 +251,28 @@ class Storage(ABC):
     @abstractmethod
     async def load_speaker_state(self, uid: str, conversation_id: str) -> bytes | None: ...
 
+    # -- live streams: a row per open /v4/listen stream of any replica (MAX_STREAMS_PER_USER across replicas) --------
+
+    @abstractmethod
+    async def open_stream(self, uid: str, stream_id: str, ttl_s: float, keep: int) -> list[str]:
+        """Register a live stream of `uid`, live for `ttl_s` unless refreshed (`refresh_stream`). With `keep` above 0,
+        the user's live streams beyond the newest `keep` (this one is the newest) are revoked, and their ids returned:
+        each one's replica stops it at its next refresh. Atomic per uid (two opens on two replicas never both keep
+        themselves over the limit). The user's expired rows are deleted."""
+
+    @abstractmethod
+    async def refresh_stream(self, uid: str, stream_id: str, ttl_s: float) -> bool:
+        """Keep a live stream `ttl_s` longer. False once it was revoked (its replica stops it). A row that ran out
+        and was deleted (its replica stalled) is registered again."""
+
+    @abstractmethod
+    async def live_streams(self, uid: str) -> list[str]:
+        """The user's live (unexpired, unrevoked) streams on every replica, oldest first."""
+
+    @abstractmethod
+    async def close_stream(self, uid: str, stream_id: str) -> None:
+        """The stream ended: its row is deleted."""
+
     # -- jobs ----------------------------------------------------------------------------------------------------
 
     @abstractmethod

@@ -498,6 +498,64 @@ class FirestoreStorage(Storage):
         snap = await ref.get()
         return bytes(snap.to_dict()["state"]) if snap.exists else None
 
+    # -- live streams: users/{uid}/open_streams/{stream_id}; users/{uid}/open_streams_lock/lock is written by every
+    # open, so two opens of one user on two replicas conflict and one transaction retries (seeing the other's row) ---
+
+    def _streams(self, uid: str) -> Any:
+        return self._user(uid).collection("open_streams")
+
+    async def open_stream(self, uid: str, stream_id: str, ttl_s: float, keep: int) -> list[str]:
+        lock = self._user(uid).collection("open_streams_lock").document("lock")
+        return await self._transact(self._open_stream, lock, uid, stream_id, float(ttl_s), int(keep))
+
+    async def _open_stream(self, transaction: Any, lock: Any, uid: str, stream_id: str, ttl_s: float,
+                           keep: int) -> list[str]:
+        await lock.get(transaction=transaction)
+        rows = [snap async for snap in self._streams(uid).stream(transaction=transaction)]
+        now = time.time()
+        live = []
+        for snap in rows:
+            row = snap.to_dict()
+            if row["expires_at"] <= now:
+                transaction.delete(snap.reference)
+            elif not row["revoked"] and snap.id != stream_id:
+                live.append((row["opened_at"], snap.id, snap.reference))
+        transaction.set(lock, {"at": now})
+        if not any(snap.id == stream_id for snap in rows):
+            transaction.set(self._streams(uid).document(stream_id),
+                            {"uid": uid, "opened_at": now, "expires_at": now + ttl_s, "revoked": False})
+        if keep <= 0:
+            return []
+        live.sort(key=lambda t: (-t[0], t[1]))  # newest first, as the SQL backends order them
+        revoked = live[keep - 1:]
+        for _, _, ref in revoked:
+            transaction.update(ref, {"revoked": True})
+        return [i for _, i, _ in revoked]
+
+    async def refresh_stream(self, uid: str, stream_id: str, ttl_s: float) -> bool:
+        return await self._transact(self._refresh_stream, self._streams(uid).document(stream_id), uid, float(ttl_s))
+
+    @staticmethod
+    async def _refresh_stream(transaction: Any, ref: Any, uid: str, ttl_s: float) -> bool:
+        snap = await ref.get(transaction=transaction)
+        now = time.time()
+        if snap.exists:
+            if snap.to_dict()["revoked"]:
+                return False
+            transaction.update(ref, {"expires_at": now + ttl_s})
+        else:
+            transaction.set(ref, {"uid": uid, "opened_at": now, "expires_at": now + ttl_s, "revoked": False})
+        return True
+
+    async def live_streams(self, uid: str) -> list[str]:
+        now = time.time()
+        rows = [(s.to_dict(), s.id) async for s in self._streams(uid).stream()]
+        return [i for row, i in sorted(rows, key=lambda t: (t[0]["opened_at"], t[1]))
+                if not row["revoked"] and row["expires_at"] > now]
+
+    async def close_stream(self, uid: str, stream_id: str) -> None:
+        await self._streams(uid).document(stream_id).delete()
+
     # -- jobs ----------------------------------------------------------------------------------------------------
 
     def _run_ref(self, job: str, run_key: str) -> Any:

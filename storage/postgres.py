@@ -133,11 +133,23 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (uid, key)
     );
     """,
+    # 6: live streams of every replica (MAX_STREAMS_PER_USER across replicas; Storage.open_stream)
+    """
+    CREATE TABLE open_streams (
+        stream_id TEXT PRIMARY KEY,
+        uid TEXT NOT NULL,
+        opened_at DOUBLE PRECISION NOT NULL,
+        expires_at DOUBLE PRECISION NOT NULL,
+        revoked BOOLEAN NOT NULL DEFAULT false
+    );
+    CREATE INDEX open_streams_uid ON open_streams (uid, opened_at);
+    """,
 ]
 
 # pg_advisory_xact_lock keys (one 64-bit space per database): migrations, and one user's user-profile enrolment
 _MIGRATION_LOCK = 0x6F6D_6953_746F_7231  # "omiStor1"
 _USER_PROFILE_LOCK_NS = 0x6F6D_6955  # two-int form: (namespace, hashtext(uid))
+_OPEN_STREAMS_LOCK_NS = 0x6F6D_6953  # two-int form: (namespace, hashtext(uid)): one user's stream registrations
 
 _SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 _CONVERSATION_FIELDS = ("id", "uid", "status", "language", "source", "started_at", "last_activity_at", "timeout_s",
@@ -501,6 +513,40 @@ class PostgresStorage(Storage):
         state = await self.pool.fetchval("SELECT state FROM speaker_states WHERE uid = $1 AND conversation_id = $2",
                                          uid, conversation_id)
         return bytes(state) if state is not None else None
+
+    # -- live streams --------------------------------------------------------------------------------------------
+
+    async def open_stream(self, uid: str, stream_id: str, ttl_s: float, keep: int) -> list[str]:
+        async with self.pool.acquire() as con, con.transaction():
+            # One user's opens one at a time (every replica): each sees the rows the previous one committed.
+            await con.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))", _OPEN_STREAMS_LOCK_NS, uid)
+            await con.execute(f"DELETE FROM open_streams WHERE uid = $1 AND expires_at <= {_NOW}", uid)
+            await con.execute(
+                f"INSERT INTO open_streams (stream_id, uid, opened_at, expires_at) VALUES ($1, $2, {_NOW}, "
+                f"{_NOW} + $3) ON CONFLICT (stream_id) DO NOTHING", stream_id, uid, float(ttl_s))
+            if keep <= 0:
+                return []
+            rows = await con.fetch(
+                "UPDATE open_streams SET revoked = true WHERE stream_id IN (SELECT stream_id FROM open_streams "
+                "WHERE uid = $1 AND NOT revoked AND stream_id <> $2 ORDER BY opened_at DESC, stream_id OFFSET $3) "
+                "RETURNING stream_id", uid, stream_id, int(keep) - 1)
+            return [r["stream_id"] for r in rows]
+
+    async def refresh_stream(self, uid: str, stream_id: str, ttl_s: float) -> bool:
+        kept = await self.pool.fetchval(
+            f"INSERT INTO open_streams (stream_id, uid, opened_at, expires_at) VALUES ($1, $2, {_NOW}, {_NOW} + $3) "
+            "ON CONFLICT (stream_id) DO UPDATE SET expires_at = EXCLUDED.expires_at "
+            "WHERE open_streams.uid = EXCLUDED.uid AND NOT open_streams.revoked RETURNING stream_id",
+            stream_id, uid, float(ttl_s))
+        return kept is not None
+
+    async def live_streams(self, uid: str) -> list[str]:
+        rows = await self.pool.fetch(f"SELECT stream_id FROM open_streams WHERE uid = $1 AND NOT revoked AND "
+                                     f"expires_at > {_NOW} ORDER BY opened_at, stream_id", uid)
+        return [r["stream_id"] for r in rows]
+
+    async def close_stream(self, uid: str, stream_id: str) -> None:
+        await self.pool.execute("DELETE FROM open_streams WHERE uid = $1 AND stream_id = $2", uid, stream_id)
 
     # -- jobs ----------------------------------------------------------------------------------------------------
 

@@ -94,6 +94,14 @@ CREATE TABLE IF NOT EXISTS job_runs (
     detail TEXT,
     PRIMARY KEY (job, run_key)
 );
+CREATE TABLE IF NOT EXISTS open_streams (
+    stream_id TEXT PRIMARY KEY,
+    uid TEXT NOT NULL,
+    opened_at REAL NOT NULL,
+    expires_at REAL NOT NULL,
+    revoked INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS open_streams_uid ON open_streams (uid, opened_at);
 CREATE TABLE IF NOT EXISTS user_settings (
     uid TEXT NOT NULL,
     key TEXT NOT NULL,
@@ -387,6 +395,49 @@ class SqliteStorage(Storage):
         rows = await self._run(self._read, "SELECT state FROM speaker_states WHERE uid = ? AND conversation_id = ?",
                                (uid, conversation_id))
         return bytes(rows[0][0]) if rows else None
+
+    # -- live streams --------------------------------------------------------------------------------------------
+
+    async def open_stream(self, uid: str, stream_id: str, ttl_s: float, keep: int) -> list[str]:
+        def register() -> list[str]:
+            now = time.time()
+            with _transaction(self._db):
+                self._db.execute("DELETE FROM open_streams WHERE uid = ? AND expires_at <= ?", (uid, now))
+                self._db.execute("INSERT OR IGNORE INTO open_streams (stream_id, uid, opened_at, expires_at) "
+                                 "VALUES (?, ?, ?, ?)", (stream_id, uid, now, now + ttl_s))
+                if keep <= 0:
+                    return []
+                older = [r[0] for r in self._db.execute(
+                    "SELECT stream_id FROM open_streams WHERE uid = ? AND NOT revoked AND stream_id <> ? "
+                    "ORDER BY opened_at DESC, stream_id LIMIT -1 OFFSET ?", (uid, stream_id, keep - 1))]
+                self._db.executemany("UPDATE open_streams SET revoked = 1 WHERE stream_id = ?",
+                                     [(i,) for i in older])
+                return older
+
+        return await self._run(register)
+
+    async def refresh_stream(self, uid: str, stream_id: str, ttl_s: float) -> bool:
+        def refresh() -> bool:
+            now = time.time()
+            with _transaction(self._db):
+                row = self._db.execute("SELECT uid, revoked FROM open_streams WHERE stream_id = ?",
+                                       (stream_id,)).fetchone()
+                if row is not None and (row[0] != uid or row[1]):
+                    return False
+                self._db.execute("INSERT OR REPLACE INTO open_streams (stream_id, uid, opened_at, expires_at) "
+                                 "VALUES (?, ?, COALESCE((SELECT opened_at FROM open_streams WHERE stream_id = ?), ?), "
+                                 "?)", (stream_id, uid, stream_id, now, now + ttl_s))
+                return True
+
+        return await self._run(refresh)
+
+    async def live_streams(self, uid: str) -> list[str]:
+        rows = await self._run(self._read, "SELECT stream_id FROM open_streams WHERE uid = ? AND NOT revoked AND "
+                               "expires_at > ? ORDER BY opened_at, stream_id", (uid, time.time()))
+        return [r[0] for r in rows]
+
+    async def close_stream(self, uid: str, stream_id: str) -> None:
+        await self._run(self._write, "DELETE FROM open_streams WHERE uid = ? AND stream_id = ?", (uid, stream_id))
 
     # -- jobs ----------------------------------------------------------------------------------------------------
 

@@ -737,6 +737,47 @@ async def test_a_close_whose_lease_ran_out_is_listed_and_taken_again(store: Stor
     assert (await store.claim_close("b", legacy.id, T0 + 1, 50.0, expired_only=True)).processing_until == T0 + 51
 
 
+# -- live streams (MAX_STREAMS_PER_USER across replicas) ---------------------------------------------------------------
+
+
+async def test_open_stream_keeps_the_newest_and_revokes_the_oldest(store: Storage) -> None:
+    assert await store.open_stream("u1", "s1", 60.0, keep=2) == []
+    await asyncio.sleep(0.01)
+    assert await store.open_stream("u1", "s2", 60.0, keep=2) == []
+    await asyncio.sleep(0.01)
+    assert await store.open_stream("u2", "other", 60.0, keep=1) == []  # another user's streams count apart
+    assert await store.open_stream("u1", "s3", 60.0, keep=2) == ["s1"]
+    assert await store.live_streams("u1") == ["s2", "s3"]
+    assert await store.refresh_stream("u1", "s1", 60.0) is False  # its replica stops it
+    assert await store.refresh_stream("u1", "s2", 60.0) is True
+    assert await store.open_stream("u1", "s4", 60.0, keep=0) == []  # no limit: nothing revoked
+    assert await store.live_streams("u1") == ["s2", "s3", "s4"]
+    await store.close_stream("u1", "s2")
+    await store.close_stream("u1", "s1")
+    assert await store.live_streams("u1") == ["s3", "s4"]
+    assert await store.live_streams("u2") == ["other"]
+    await store.refresh_stream("u2", "s3", 60.0)  # another user's refresh never touches this user's stream
+    await store.open_stream("u2", "s5", 60.0, keep=1)
+    assert await store.live_streams("u1") == ["s3", "s4"]
+
+
+async def test_an_unrefreshed_stream_runs_out_and_a_refresh_registers_it_again(store: Storage) -> None:
+    assert await store.open_stream("u1", "stalled", 0.2, keep=1) == []
+    await asyncio.sleep(0.3)
+    assert await store.live_streams("u1") == []
+    assert await store.open_stream("u1", "new", 60.0, keep=1) == []  # the expired row neither counts nor is revoked
+    assert await store.refresh_stream("u1", "stalled", 60.0) is True  # gone: registered again, as the newest
+    assert await store.live_streams("u1") == ["new", "stalled"]
+
+
+async def test_concurrent_opens_of_one_user_keep_exactly_the_limit(store: Storage) -> None:
+    ids = [f"s{i}" for i in range(8)]
+    revoked = await asyncio.gather(*(store.open_stream("u1", i, 60.0, keep=1) for i in ids))
+    live = await store.live_streams("u1")
+    assert len(live) == 1
+    assert sorted(sum(revoked, []) + live) == sorted(ids)  # each other one revoked exactly once
+
+
 # -- job leases --------------------------------------------------------------------------------------------------------
 
 
