@@ -74,6 +74,16 @@ class Settings(BaseSettings):
     # The live streams' VAD: every stream's new frames scored together, one model call per 32 ms step.
     vad_max_batch: int = Field(default=512, ge=1)
     vad_max_wait_ms: float = Field(default=10.0, ge=0)
+    # Where the VAD and speaker models run: "local", this process's pool (streaming/pool.py); "ray", Ray Serve
+    # deployments (streaming/ray_deployments.py) shared by every front-end process that names the same RAY_ADDRESS.
+    model_pool: Literal["local", "ray"] = "local"
+    ray_address: str = ""  # a running Ray cluster ("ray://host:10001", "auto"); empty: start a local one (tests, dev)
+    ray_replicas: int = Field(default=1, ge=1)  # replicas of each model deployment (the first front-end deploys them)
+    ray_gpu_fraction: float = Field(default=0.25, ge=0, le=1)  # GPU per replica when MODEL_DEVICE resolves to cuda
+    ray_cpus_per_replica: float = Field(default=1.0, ge=0)  # CPU Ray reserves per replica (scheduling only)
+    ray_max_batch: int = Field(default=16, ge=1)  # @serve.batch: front-end calls merged into one model call ...
+    ray_batch_wait_ms: float = Field(default=2.0, ge=0)  # ... gathered for at most this long
+    ray_call_timeout_s: float = Field(default=30.0, gt=0)  # one call to a deployment; beyond, its requests fail
 
     # --- streaming VAD (defaults tuned on the AMI excerpts, see README "Voice activity detection") ---
     vad_onset: float = 0.4

@@ -49,7 +49,7 @@ from notify import ChannelNotifier, webhook_message_notifier  # noqa: E402
 from route_errors import RouteErrors  # noqa: E402
 from storage import open_storage  # noqa: E402
 from streaming.identify import SegmentIdentifier  # noqa: E402
-from streaming.pool import ModelPool  # noqa: E402
+from streaming.pool import ModelPool, create_pool  # noqa: E402
 from streaming.protocol import CloseCode, ErrorEvent, ListenParams  # noqa: E402
 from streaming.speaker import MATCH_RULES  # noqa: E402
 from streaming.stt import SttFactory  # noqa: E402
@@ -97,7 +97,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         st.jobs = jobs.JobRunner(s, st.storage, st.conversations, notifier, webhooks=st.webhooks)
         if s.jobs_enabled:
             st.jobs.start()
-        st.pool = await ModelPool.create(s, vad_backend=st.vad_backend)
+        st.pool = await create_pool(s, vad_backend=st.vad_backend)  # MODEL_POOL: local, or ray
         st.identifier = SegmentIdentifier(st.pool, st.vad_backend, st.vad_params, MATCH_RULES,
                                           run_blocking=batch_threads(st).run)
         st.ready = True

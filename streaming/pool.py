@@ -263,3 +263,13 @@ class ModelPool:
         await asyncio.to_thread(self._speaker.stop)
         await asyncio.to_thread(self._speaker_bulk.stop)
         await asyncio.to_thread(self._vad.stop)
+
+
+async def create_pool(settings: Settings, vad_backend: VadBackend | None = None) -> ModelPool:
+    """The pool MODEL_POOL names: "local" (this process's `ModelPool`) or "ray" (`streaming.ray_pool.RayModelPool`,
+    the models in Ray Serve deployments shared by every front-end process on RAY_ADDRESS)."""
+    if settings.model_pool == "ray":
+        from streaming.ray_pool import RayModelPool
+
+        return await RayModelPool.create(settings, vad_backend=vad_backend)
+    return await ModelPool.create(settings, vad_backend=vad_backend)
