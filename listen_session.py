@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +39,7 @@ LINGER_GAP_S = 0.25  # a stopping stream ends once no frame came for this long (
 # Omi skips frames of <= 2 bytes (transcribe.py, receiver.py). Decoded, one would be 10 ms of Opus concealment or a
 # click of PCM, and would move the stream's clock.
 KEEPALIVE_MAX_BYTES = 2
+REPLACED_MESSAGE = "replaced by a newer stream of this user"
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,14 @@ async def _serve_stream(client: WsClient, params: ListenParams, uid: str, st: An
         tagger = await _speaker_tagger(st, uid, params) if channels is MONO else None
         state = await st.storage.load_speaker_state(uid, conversation.id) if tagger is not None else None
         stored = await st.storage.list_segments(uid, conversation.id) if conversation.duration_s else []
+        # This stream's row among the live streams of every replica: beyond MAX_STREAMS_PER_USER the oldest are
+        # revoked (each one's replica stops it at its next refresh, `_sync`).
+        stream_id = uuid.uuid4().hex
+        await st.storage.open_stream(uid, stream_id, _place_ttl(s), s.max_streams_per_user)
+        # Another live stream of this user (on any replica) may still be growing the last stored segment: extending
+        # it here too would make two streams rewrite one segment, each losing the other's words.
+        if stored and await st.storage.live_streams(uid) != [stream_id]:
+            stored = []
     except Exception as exc:
         log.error("stream for %s refused, storage unavailable: %s", uid, type(exc).__name__)
         return await client.refuse(CloseCode.TRY_AGAIN_LATER, "storage_unavailable",
@@ -126,6 +136,7 @@ async def _serve_stream(client: WsClient, params: ListenParams, uid: str, st: An
     except Exception as exc:
         code = await _end_on_failure(client, exc, uid)
         await _finish_all(client, started, uid)
+        await _close_place(st, uid, stream_id)
         return await client.close(code)
     await client.send_json(ServiceStatusEvent(status="ready").model_dump())
     log.info("stream open uid=%s codec=%s rate=%d channels=%d", uid, params.codec, params.sample_rate,
@@ -137,7 +148,8 @@ async def _serve_stream(client: WsClient, params: ListenParams, uid: str, st: An
         events.watch(link.conversation.id)
         link.on_attach = events.watch
     stop_listening = service.listen(uid, events.deliver)
-    syncing = asyncio.create_task(_sync(client, events, s.stream_sync_s))
+    syncing = asyncio.create_task(_sync(client, events, s.stream_sync_s,
+                                        lambda: st.storage.refresh_stream(uid, stream_id, _place_ttl(s))))
     close_code = CloseCode.NORMAL
     commands = CommandContext(uid, pipelines, st.storage, st.pool.embedder_name)
     route = _router(channels, pipelines)
@@ -153,6 +165,7 @@ async def _serve_stream(client: WsClient, params: ListenParams, uid: str, st: An
         if hooks is not None:
             hooks.flush()  # the last partial audio chunk
         await _stream_ended(st, service, uid, tagger, links)
+        await _close_place(st, uid, stream_id)
         for pipeline in pipelines:
             stats = pipeline.stats
             log.info("stream closed uid=%s frames=%d bad=%d sent=%.1fs of %.1fs", uid, stats.frames,
@@ -313,11 +326,31 @@ async def receive_loop(client: WsClient, route, s: Settings, on_text, uid: str =
                 return await _end_on_failure(client, exc, uid)
 
 
-async def _sync(client: WsClient, events: StreamEvents, every_s: float) -> None:
-    """What other replicas did, from storage, every STREAM_SYNC_S: a close of this stream's conversation there
-    (`StreamEvents.sync`). Storage down: tried again next time."""
-    while not client.gone:
+def _place_ttl(s: Settings) -> float:
+    """A live stream's row outlives three missed refreshes (a stalled or dead replica's streams stop counting)."""
+    return 3 * s.stream_sync_s
+
+
+async def _close_place(st: Any, uid: str, stream_id: str) -> None:
+    try:  # storage down: the row runs out by itself (`_place_ttl`)
+        await st.storage.close_stream(uid, stream_id)
+    except Exception as exc:
+        log.warning("could not remove the live-stream row of %s: %s", uid, type(exc).__name__)
+
+
+async def _sync(client: WsClient, events: StreamEvents, every_s: float, keep_place) -> None:
+    """What other replicas did, from storage, every STREAM_SYNC_S: this stream's row refreshed, or, once a newer
+    stream of the user (on any replica) revoked it, the stream stopped (`replaced`, 1001, as a replacement in this
+    process); a close of this stream's conversation there (`StreamEvents.sync`). Storage down: tried again next
+    time (the stream goes on)."""
+    while not client.gone and client.stop_code is None:
         await asyncio.sleep(every_s)
+        try:
+            if not await keep_place():
+                log.info("stream replaced by a newer stream of its user on another replica")
+                client.stop_with_error(CloseCode.GOING_AWAY, "replaced", REPLACED_MESSAGE)
+        except Exception as exc:
+            log.debug("stream refresh failed: %s", type(exc).__name__)
         try:
             await events.sync()
         except Exception as exc:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import uuid
 
 import httpx
@@ -117,3 +118,78 @@ async def _share_one_conversation(a, b) -> None:
             assert seg_id in by_id, seg
             assert by_id[seg_id]["text"].startswith(seg["text"]), (by_id[seg_id], seg)
     assert not set(phone.segments) & set(desk.segments)  # neither stream rewrote the other's segment
+
+
+async def test_max_streams_per_user_counts_every_replica_and_a_close_on_one_reaches_the_other(
+        tmp_path, deepgram, database):
+    """MAX_STREAMS_PER_USER=1: the user's stream on A is replaced (`replaced`, 1001) by their newer stream on B.
+    Then a close over REST on B of the conversation A's new stream feeds: A's client gets `memory_created`, and A's
+    next speech goes to a new conversation."""
+    from websockets.asyncio.client import connect
+
+    audio = read_wav(SAMPLE_WAV)
+    speech = pcm16_frames(np.concatenate([audio[7 * SR : 12 * SR], np.zeros(SR, "f4")]))
+    with two_replicas(tmp_path, deepgram, database, MAX_STREAMS_PER_USER="1") as (a, b):
+        headers = {"Authorization": f"Bearer one-{uuid.uuid4().hex[:8]}"}
+
+        async def newer_on_b():
+            await asyncio.sleep(3.0)
+            return await stream_frames(listen_url(b), speech, headers=headers, timeout_s=30,
+                                       until=lambda r: r.segments and old.done())
+
+        old = asyncio.ensure_future(stream_frames(listen_url(a), speech, headers=headers, close=False, timeout_s=30))
+        new = await newer_on_b()
+        old = await old
+        assert old.close_code == 1001 and [e["code"] for e in old.errors()] == ["replaced"], (old.errors(),
+                                                                                             old.close_code)
+        assert new.segments and not new.errors() and new.close_code == 1000
+
+        # A stream on A, its conversation closed over REST on B: A's client hears it, A's next words start anew.
+        headers = {"Authorization": f"Bearer rest-{uuid.uuid4().hex[:8]}"}
+        segments: dict[str, dict] = {}
+        events: list[dict] = []
+        async with connect(listen_url(a, timeout_s=600), additional_headers=headers) as ws:
+
+            async def read() -> None:
+                async for message in ws:
+                    payload = json.loads(message) if message != "ping" else None
+                    if isinstance(payload, list):
+                        segments.update({s["id"]: s for s in payload})
+                    elif isinstance(payload, dict):
+                        events.append(payload)
+
+            reader = asyncio.create_task(read())
+            for frame in speech:
+                await ws.send(frame)
+            with httpx.Client(base_url=b.http, headers=headers, timeout=30) as http:
+
+                def stored_ids() -> set[str]:  # the finals stored so far (the client also gets partials)
+                    listed = http.get("/v1/conversations").json()
+                    found = http.get(f"/v1/conversations/{listed[0]['id']}").json() if listed else {}
+                    return {s["id"] for s in found.get("transcript_segments", []) if s["end"] >= 4.0}
+
+                await _until(stored_ids)
+                stored = stored_ids()
+                closed = http.post("/v1/conversations").json()
+            await _until(lambda: any(e.get("type") == "memory_created" for e in events))
+            memory = next(e for e in events if e["type"] == "memory_created")["memory"]
+            assert memory["id"] == closed["memory"]["id"] and memory["status"] == "completed"
+            assert stored <= {s["id"] for s in memory["transcript_segments"]}
+            first = set(segments)
+            for frame in speech:
+                await ws.send(frame)
+            await _until(lambda: set(segments) - first)
+            await ws.close()
+            await asyncio.wait_for(reader, 10)
+        with httpx.Client(base_url=a.http, headers=headers) as http:
+            listed = http.get("/v1/conversations").json()
+        assert listed[1]["id"] == memory["id"] and listed[0]["status"] == "in_progress"
+        assert [e["type"] for e in events].count("memory_created") == 1
+
+
+async def _until(condition, timeout_s: float = 30.0) -> None:
+    for _ in range(int(timeout_s / 0.1)):
+        if condition():
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError("timed out")
