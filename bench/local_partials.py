@@ -6,6 +6,8 @@ Prints, for one speech region (default: AMI trn03.wav from 1.184 s, a 29 s monol
   pieces, the hypothesis read every second), CPU per second of speech, and with pocketsphinx's default search;
 - the alternative without a held decoder: the whole region so far decoded again every second (grows with the
   square of the region's length);
+- the event loop's worst stall while one final is decoded: a decoder called in a thread (pocketsphinx holds the
+  GIL) against `LocalRecognizer` (a worker process);
 - how many streams' partials the machine carries: N threads, each an incremental decoder fed as fast as it
   takes, speech seconds decoded per wall second (pocketsphinx releases the GIL while it decodes, or not: this
   shows it), and so how many real-time streams that is.
@@ -19,6 +21,7 @@ the count of threads). Other load on the machine slows the wall-clock figures: t
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import sys
 import threading
@@ -32,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from streaming.sphinx_partials import PARTIAL_MAX_HMM_PER_FRAME, decoder_words  # noqa: E402
 from streaming.stt import SAMPLE_RATE, to_int16  # noqa: E402
+from streaming.stt_local import LocalRecognizer  # noqa: E402
 
 AMI_TRN03 = Path(__file__).resolve().parents[2] / "shared" / "data" / "ami-debug" / "trn03.wav"
 PIECE = SAMPLE_RATE // 10  # 100 ms of audio per process_raw call, as the VAD hands speech on
@@ -86,6 +90,19 @@ def threaded_throughput(pcm: np.ndarray, threads: int) -> tuple[float, float]:
     return threads * len(pcm) / SAMPLE_RATE / wall, (time.process_time() - start_cpu) / wall
 
 
+async def worst_loop_stall(decode) -> tuple[float, float]:
+    """`decode` in a worker thread; the event loop meanwhile wakes every 10 ms. Returns (wall s, worst gap s)."""
+    task = asyncio.create_task(asyncio.to_thread(decode))
+    start = last = time.perf_counter()
+    worst = 0.0
+    while not task.done():
+        await asyncio.sleep(0.01)
+        now = time.perf_counter()
+        worst, last = max(worst, now - last), now
+    await task
+    return last - start, worst
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--wav", type=Path, default=AMI_TRN03)
@@ -115,6 +132,14 @@ def main() -> None:
     for name, value in rows:
         print(f"{name:58} {value:7.2f} {value / seconds:13.3f}")
     print(f"final + partials: x{(final_cpu + partial_cpu) / final_cpu:.2f} the CPU of finals alone")
+
+    recognizer = LocalRecognizer(decoders=1)  # its worker process started (and warmed on 0.1 s of silence)
+    print(f"\n{'one final decode, from a worker thread':58} {'wall s':>7} {'worst event-loop stall s':>25}")
+    for name, decode in (("pocketsphinx called in the thread", lambda: batch_decode(final, pcm)),
+                         ("LocalRecognizer (a worker process)", lambda: recognizer.recognize(pcm.tobytes()))):
+        wall, worst = asyncio.run(worst_loop_stall(decode))
+        print(f"{name:58} {wall:7.2f} {worst:25.3f}")
+    recognizer.close()
 
     print(f"\n{'threads':>7} {'speech s / wall s':>18} {'CPUs busy':>10}  (partial decoders at once, each fed as "
           "fast as it takes)")
