@@ -5,17 +5,21 @@ partial transcript comes from an incremental decoder when one is free (`streamin
 from __future__ import annotations
 
 import asyncio
+import logging
 import multiprocessing
 import multiprocessing.connection
 import os
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
 
 from streaming.sphinx_partials import PartialDecoders, PartialRegion, decoder_words
 from streaming.stt import SAMPLE_RATE, OnTranscript, SttSession, Transcript, Word
+
+log = logging.getLogger(__name__)
 
 # The final's decoder in each worker process of `LocalRecognizer` (made by `_make_decoder`, the pool's initializer).
 _decoder = None
@@ -59,16 +63,31 @@ class LocalRecognizer:
     threads, in pieces short enough for the event loop (`sphinx_partials.MAX_PIECE`)."""
 
     def __init__(self, decoders: int = 2, lazy: bool = False, partial_decoders: int = 0) -> None:
-        self._pool = ProcessPoolExecutor(max_workers=decoders, mp_context=multiprocessing.get_context("spawn"),
-                                         initializer=_make_decoder)
+        self._decoders = decoders
+        self._lock = threading.Lock()
+        self._pool = self._new_pool()
         self.partials = PartialDecoders(partial_decoders)
         if not lazy:  # LAZY_MODELS: the processes start with the first utterance, ~1 s off the start-up
             self.recognize(bytes(SAMPLE_RATE // 10))
 
+    def _new_pool(self) -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(max_workers=self._decoders, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_make_decoder)
+
     def recognize(self, pcm16: bytes) -> list[Word]:
         """Blocking (waits for a worker process): run in a worker thread. Returns words with times relative to the
-        audio's start."""
-        return self._pool.submit(_decode, pcm16).result()
+        audio's start. A worker that died (killed, out of memory) breaks the pool: a new one takes the utterance,
+        once, so one lost process does not end local STT for the rest of the server's life."""
+        pool = self._pool
+        try:
+            return pool.submit(_decode, pcm16).result()
+        except BrokenProcessPool:
+            with self._lock:
+                if self._pool is pool:
+                    log.error("local STT: a decoder process died; starting new ones")
+                    self._pool = self._new_pool()
+                pool = self._pool
+            return pool.submit(_decode, pcm16).result()
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

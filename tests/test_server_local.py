@@ -198,3 +198,23 @@ async def test_close_stream_sends_the_last_segments_then_closes_1000(local_serve
     assert sum(len(s["text"].split()) for s in segments) > 20, segments
     assert max(s["end"] for s in segments) > 25  # the region still open at the file's end came back
     assert not result.errors()
+
+
+def test_a_dead_decoder_process_is_replaced(sample):
+    """The finals' decoders live in worker processes: one killed (out of memory, an operator) breaks the process
+    pool; the next utterance starts new processes and is recognised as before, instead of every final failing."""
+    import os
+    import signal
+    import time
+
+    recognizer = LocalRecognizer(decoders=1)
+    try:
+        pcm = to_pcm16(sample[int(SPEECH_START * 16000) : int((SPEECH_START + 6) * 16000)])
+        before = [w.text for w in recognizer.recognize(pcm)]
+        assert len(before) >= 5
+        for pid in list(recognizer._pool._processes):
+            os.kill(pid, signal.SIGKILL)
+        time.sleep(0.5)
+        assert [w.text for w in recognizer.recognize(pcm)] == before
+    finally:
+        recognizer.close()
