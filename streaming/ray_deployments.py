@@ -50,10 +50,41 @@ def _model_thread(threads: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(1, thread_name_prefix="model", initializer=init)
 
 
+def pack_step(states: list[Any], arrays: list[np.ndarray]) -> tuple:
+    """One VAD step for the wire: the audios concatenated, and the states as one stacked array per field when they
+    are all of one class whose fields are same-shape arrays (silero's, pyannote's): pickling a few large arrays
+    instead of hundreds of small objects made a 256-stream step's round trip 40 ms over in-process, mostly
+    serialisation (bench/ray_overhead.py). Anything else goes as the objects themselves."""
+    lengths = np.array([len(a) for a in arrays], np.int64)
+    flat = np.concatenate(arrays) if arrays else np.zeros(0, np.float32)
+    cls = type(states[0]) if states else None
+    fields = getattr(states[0], "__dict__", None) if states else None
+    if fields and all(type(s) is cls for s in states) and all(isinstance(v, np.ndarray) for v in fields.values()):
+        try:
+            stacked = {k: np.stack([getattr(s, k) for s in states]) for k in fields}
+            return "stacked", cls, stacked, flat, lengths
+        except (ValueError, AttributeError):  # fields of different shapes or names: send the objects
+            pass
+    return "objects", states, None, flat, lengths
+
+
+def unpack_step(packed: tuple) -> tuple[list[Any], list[np.ndarray]]:
+    kind, what, stacked, flat, lengths = packed
+    arrays = np.split(flat, np.cumsum(lengths)[:-1]) if len(lengths) else []
+    if kind == "objects":
+        return list(what), arrays
+    states = []
+    for i in range(len(lengths)):
+        state = object.__new__(what)
+        state.__dict__.update({k: v[i].copy() for k, v in stacked.items()})
+        states.append(state)
+    return states, arrays
+
+
 @serve.deployment(name="vad")
 class VadDeployment:
-    """`speech_probs_batch` for many streams of many front-end processes. A request: (states, model inputs) of one
-    process's gathered streams; the reply: (probabilities, the advanced states) in the same order."""
+    """`speech_probs_batch` for many streams of many front-end processes. A request: one process's gathered streams,
+    their states and model inputs (`pack_step`); the reply: their probabilities and advanced states, packed alike."""
 
     def __init__(self, settings: Settings) -> None:
         from streaming.vad_loading import load_vad_backend
@@ -70,18 +101,19 @@ class VadDeployment:
         return {"name": self._backend.name, "status": getattr(self._backend, "status", "ready"), "pid": os.getpid(),
                 "calls": self.calls, "model_calls": self.model_calls}
 
-    def _score(self, requests: list[tuple[list, list]]) -> list[tuple[list, list]]:  # the model thread
-        states = [s for r in requests for s in r[0]]
-        probs = self._backend.speech_probs_batch(states, [a for r in requests for a in r[1]])
+    def _score(self, requests: list[tuple]) -> list[tuple]:  # the model thread
+        unpacked = [unpack_step(r) for r in requests]
+        states = [s for r_states, _ in unpacked for s in r_states]
+        probs = self._backend.speech_probs_batch(states, [a for _, r_audios in unpacked for a in r_audios])
         out, i = [], 0
-        for r_states, _ in requests:
+        for r_states, _ in unpacked:
             n = len(r_states)
-            out.append((probs[i : i + n], states[i : i + n]))
+            out.append(pack_step(states[i : i + n], probs[i : i + n]))
             i += n
         return out
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
-    async def score(self, requests: list[tuple[list, list]]) -> list[tuple[list, list]]:
+    async def score(self, requests: list[tuple]) -> list[tuple]:
         self.calls += len(requests)
         self.model_calls += 1
         return await asyncio.get_running_loop().run_in_executor(self._thread, self._score, requests)

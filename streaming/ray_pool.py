@@ -25,6 +25,7 @@ import numpy as np
 from config import Settings
 from streaming.embedders import SpeakerEmbedder
 from streaming.pool import ModelPool
+from streaming.ray_deployments import pack_step, unpack_step
 from streaming.vad_backends import VadBackend
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,8 @@ class RemoteVadBackend(VadBackend):
     def speech_probs_batch(self, states: list[Any], audios: list[np.ndarray]) -> list[np.ndarray]:
         if not states:
             return []
-        probs, advanced = self._handle.score.remote((states, audios)).result(timeout_s=self._timeout_s)
+        reply = self._handle.score.remote(pack_step(states, audios)).result(timeout_s=self._timeout_s)
+        advanced, probs = unpack_step(reply)
         for local, remote in zip(states, advanced, strict=True):
             _adopt(local, remote)
         return probs
