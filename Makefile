@@ -14,7 +14,7 @@ export PYANNOTE_METRICS_ENABLED := false
 
 .PHONY: run test lint browser bench bench-vad clean image image-test
 
-$(STAMP): requirements.txt requirements-dev.txt
+$(STAMP): requirements.txt requirements-dev.txt requirements-ray.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements-dev.txt
