@@ -91,6 +91,8 @@ USER_ROUTES = {
 ADMIN_ROUTES = {("GET", "/v1/jobs")}
 PUBLIC_ROUTES = {("GET", "/health"), ("GET", "/ready"), ("GET", "/metrics")}  # no credentials, no user data
 CALLER_ROUTES = {("POST", "/v1/vad")}  # any verified caller (a user, the admin key, the internal caller); no user data
+# Deepgram's prerecorded API: any verified user, nothing read or stored; refusals in Deepgram's error shape.
+DEEPGRAM_ROUTES = {("POST", "/v1/listen")}
 
 
 # --- credentials ---------------------------------------------------------------------------------------------------
@@ -229,8 +231,23 @@ def assert_b_unchanged(server, world) -> None:
 def test_every_route_is_classified(server):
     paths = httpx.get(f"{server.http}/openapi.json").json()["paths"]
     served = {(method.upper(), path) for path, ops in paths.items() for method in ops}
-    known = USER_ROUTES | ADMIN_ROUTES | PUBLIC_ROUTES | CALLER_ROUTES
+    known = USER_ROUTES | ADMIN_ROUTES | PUBLIC_ROUTES | CALLER_ROUTES | DEEPGRAM_ROUTES
     assert served == known, served ^ known
+
+
+@pytest.mark.parametrize("credential", ["none", "bare-uid", "other-project", "admin-lookalike"])
+def test_deepgram_prerecorded_refuses_unverified_credentials(server, world, voices, credential):
+    headers = {
+        "none": {},
+        "bare-uid": {"Authorization": f"Token {B}"},
+        "other-project": {"Authorization": f"Token {id_token(B, project='someone-else')}"},
+        "admin-lookalike": {"Authorization": "Token " + ADMIN_KEY[:-1] + "X" + B},
+    }[credential]
+    r = httpx.post(f"{server.http}/v1/listen", content=voices["speaker90"],
+                   headers={**headers, "Content-Type": "audio/wav"}, timeout=60)
+    assert r.status_code == 401, (r.status_code, r.text)
+    assert ADMIN_KEY not in r.text and B not in r.text
+    assert_b_unchanged(server, world)
 
 
 def _call(http: httpx.Client, method: str, path: str, voice: bytes, ids: dict) -> httpx.Response:
