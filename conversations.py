@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -276,15 +277,36 @@ class ConversationLink:
         try:
             await self.service.record(self.conversation, self._stored(segments))
         except ConversationClosed:
+            closed = self.conversation
+            kept = {s.id: s for s in await self.service.storage.list_segments(closed.uid, closed.id)}
             self.conversation = await self.service.attach(self.conversation.uid, self.language, self.timeout_s)
             if self.on_attach is not None:
                 self.on_attach(self.conversation.id)
-            shift = min(s.start for s in segments)  # the new conversation's clock starts at its first words
+            segments = self._leave_closed(segments, kept)
+            # The new conversation's clock starts at its first words (with none yet: where the closed one's ended).
+            shift = min((s.start for s in segments), default=max((k.end for k in kept.values()), default=0.0))
             self.pipeline.segments.restart(self.pipeline.segments.offset - shift)
             for seg in segments:
                 seg.start, seg.end = round(seg.start - shift, 3), round(seg.end - shift, 3)
             self.pipeline.segments.segments.extend(segments)
             await self.service.record(self.conversation, self._stored(segments))
+
+    def _leave_closed(self, segments: list, kept: dict[str, Segment]) -> list:
+        """Of the segments to store, those the new conversation gets. One the closed conversation already holds
+        stays there as it was closed (its memory, summary and webhook had it; an id moved would empty it there):
+        a relabel of it is not carried over, and words it gained since (the same speaker went on) become a segment
+        of their own under a new id, in place, so the client, which has not been sent the extension yet, shows the
+        closed segment as stored and the new words once."""
+        out = []
+        for seg in segments:
+            old = kept.get(seg.id)
+            if old is None:
+                out.append(seg)
+            elif seg.text.startswith(old.text) and seg.text[len(old.text):].strip():
+                seg.id, seg.text = str(uuid.uuid4()), seg.text[len(old.text):].strip()
+                seg.start = max(seg.start, old.end)
+                out.append(seg)
+        return out
 
     def _stored(self, segments: list) -> list[Segment]:
         return [Segment(s.id, self.conversation.id, s.text, s.speaker, s.speaker_id, s.is_user, s.person_id,

@@ -551,3 +551,24 @@ async def test_segments_kept_while_down_are_written_once_with_their_latest_text(
     client = {s["id"]: s["text"] for message in sent for s in message}
     assert {s.id: s.text for s in stored} == client
     assert [len(s.text.split()) for s in stored] == [6, 2]
+
+
+async def test_words_after_a_close_leave_the_closed_conversations_segments_where_they_are(store: FlakyStorage) -> None:
+    """A close (the sweep, or POST /v1/conversations on any replica) while the speaker goes on: the next words would
+    extend the closed conversation's last segment (same id). That segment stays in the closed conversation as it was
+    closed; the new words go to the new conversation under a new id, and the client gets them once."""
+    uid = f"extend-{uuid.uuid4().hex[:8]}"
+    service, link, pipeline, sent = await make_pipeline(store, uid)
+    await say(pipeline, 1.0)
+    first = link.conversation
+    [closed_seg] = await store.list_segments(uid, first.id)
+    await service.close(first)
+    await say(pipeline, 2.0)  # the same speaker within 30 s: it would extend the closed segment
+    second = link.conversation
+    assert second.id != first.id
+    assert [(s.id, s.text) for s in await store.list_segments(uid, first.id)] == [(closed_seg.id, closed_seg.text)]
+    [new_seg] = await store.list_segments(uid, second.id)
+    assert new_seg.id != closed_seg.id and new_seg.text == "w2.00 w2.50"
+    last = sent[-1]
+    assert [(s["id"], s["text"]) for s in last] == [(new_seg.id, "w2.00 w2.50")]  # the client: new words, once
+    assert all(not (s["id"] == closed_seg.id and s["text"] != closed_seg.text) for m in sent for s in m)
