@@ -86,11 +86,12 @@ async def stream_at_real_time(server, audio: np.ndarray, uid: str, settle_s: flo
             delay = t0 + (i + 1) * FRAME_S - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(done.wait(), timeout=settle_s)
-        await ws.close()
+        # CloseStream: the server sends every final, then closes 1000. (Waiting for a final that arrives after the
+        # last frame missed one that came sooner, on a quick machine, and waited out the idle timeout.)
+        await ws.send('{"type": "CloseStream"}')
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(task, timeout=30)
+            await asyncio.wait_for(task, timeout=settle_s)
+        done.set()
     return result
 
 
