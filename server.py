@@ -44,7 +44,7 @@ from batch_threads import batch_threads  # noqa: E402
 from browser_credentials import stream_credentials  # noqa: E402
 from config import Settings, get_settings  # noqa: E402
 from conversations import ConversationService  # noqa: E402
-from listen_session import serve_stream  # noqa: E402
+from listen_session import REPLACED_MESSAGE, serve_stream  # noqa: E402
 from notify import ChannelNotifier, webhook_message_notifier  # noqa: E402
 from route_errors import RouteErrors  # noqa: E402
 from storage import open_storage  # noqa: E402
@@ -175,7 +175,6 @@ def _set_torch_threads(threads: int) -> None:
 # --- graceful shutdown ------------------------------------------------------------------------------------------
 
 SHUTTING_DOWN_MESSAGE = "server shutting down, reconnect"
-REPLACED_MESSAGE = "replaced by a newer stream of this user"
 
 
 def _drain_before_exit_on_signals(app: FastAPI) -> Callable[[], None]:

@@ -45,13 +45,11 @@ class TimedStream:
 
 
 async def stream_at_real_time(server, audio: np.ndarray, uid: str, settle_s: float = 90.0) -> TimedStream:
-    """Sends `audio` as 20 ms pcm16 frames on a real-time schedule, then waits for the final that ends the speech."""
+    """Sends `audio` as 20 ms pcm16 frames on a real-time schedule, then CloseStream; returns once the server closed."""
     from websockets.asyncio.client import connect
 
     frames = pcm16_frames(audio)
     result = TimedStream()
-    speech_end = len(audio) / SR - 2.0
-    done = asyncio.Event()
     async with connect(f"{server.ws}/v4/listen?codec=pcm16&sample_rate=16000",
                        additional_headers={"Authorization": f"Bearer {uid}"}, max_size=None, open_timeout=30) as ws:
         t0 = 0.0
@@ -67,10 +65,6 @@ async def stream_at_real_time(server, audio: np.ndarray, uid: str, settle_s: flo
                         app.apply(payload)
                     for seg in payload:
                         result.latest[seg["id"]] = seg
-                    # the final that ends the speech: stored text covering the monologue's end
-                    if any(seg["end"] >= speech_end - 1.5 and seg["text"] for seg in payload) and t0 and \
-                            time.monotonic() - t0 > len(audio) / SR:
-                        done.set()
                 elif payload.get("type") == "segments_deleted":
                     for app in result.apps.values():
                         app.delete(payload["segment_ids"])
@@ -91,7 +85,6 @@ async def stream_at_real_time(server, audio: np.ndarray, uid: str, settle_s: flo
         await ws.send('{"type": "CloseStream"}')
         with contextlib.suppress(Exception):
             await asyncio.wait_for(task, timeout=settle_s)
-        done.set()
     return result
 
 
